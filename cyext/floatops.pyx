@@ -1,0 +1,385 @@
+"""Float kernels of the BitNet forward pass: RMSNorm, rotary embedding, gated activations, attention over
+the KV cache, and the output-head matmul.
+
+Why these are not numpy: the engine promises batch invariance (a row's result never depends on the
+other rows of the batch) and bit-reproducible logits. numpy's BLAS picks its blocking by shape, so
+``x @ W.T`` of one row can differ from the same row inside a batch. Every kernel here computes each row
+on its own, in a fixed order (see floatops_kernels.h for the dot-product order), without holding the
+GIL. Each has a numpy reference in ``bitnet_grpc.cyext.reference`` (section "float kernels").
+
+Layouts (all float32, C order unless said otherwise):
+- activations ``[rows, width]``; row stride may be larger than the width (views into a fused q|k|v
+  buffer) but elements within a row must be contiguous;
+- KV cache of one layer ``[n_slots, ctx, n_kv_heads, head_dim]``;
+- rotary tables ``cos``/``sin`` ``[ctx, head_dim // 2]`` indexed by position.
+"""
+
+from cython.parallel cimport prange, threadid
+from libc.math cimport expf, sqrt
+from libc.stdint cimport uint16_t
+from libc.string cimport memcpy
+
+import numpy as np
+
+cimport openmp
+
+
+cdef extern from "floatops_kernels.h" nogil:
+    int FO_LANES
+    int fo_best_path()
+    int fo_select_path(int path)
+    int fo_current_path()
+    float fo_dot_f32(const float *a, const float *b, Py_ssize_t n)
+    float fo_dot_f16(const float *a, const uint16_t *b, Py_ssize_t n)
+    float fo_half_to_float(uint16_t h)
+
+
+LANES = FO_LANES
+_PATH_NAMES = ("portable", "avx2")
+cdef int _num_threads = max(1, openmp.omp_get_max_threads())
+# Rows below this run on the calling thread: an OpenMP region costs more than a few short rows.
+cdef int _PARALLEL_MIN_ROWS = 4
+
+fo_select_path(fo_best_path())
+
+
+def set_num_threads(int n) -> None:
+    """Threads used by the parallel loops (output rows of the head matmul, rows x heads of attention)."""
+    global _num_threads
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    _num_threads = n
+
+
+def get_num_threads() -> int:
+    return _num_threads
+
+
+def kernel_paths() -> list:
+    """Dot-product paths this CPU can run; all give identical bits, they differ only in speed."""
+    return list(_PATH_NAMES[: fo_best_path() + 1])
+
+
+def get_kernel_path() -> str:
+    return _PATH_NAMES[fo_current_path()]
+
+
+def set_kernel_path(str name) -> None:
+    if name not in _PATH_NAMES[: fo_best_path() + 1]:
+        raise ValueError(f"kernel path {name!r} not available here; choose from {kernel_paths()}")
+    fo_select_path(_PATH_NAMES.index(name))
+
+
+cdef inline Py_ssize_t _row_stride(const float[:, :] x, str name) except -1:
+    """Row stride in floats; the kernels index rows by pointer, so each row must be contiguous."""
+    if x.shape[1] > 1 and x.strides[1] != sizeof(float):
+        raise ValueError(f"{name}: rows must be contiguous (inner stride {x.strides[1]})")
+    if x.strides[0] % sizeof(float):
+        raise ValueError(f"{name}: row stride must be a multiple of 4 bytes")
+    return x.strides[0] // sizeof(float)
+
+
+cdef inline void _check_rows(const float[:, :] x, Py_ssize_t rows, Py_ssize_t width, str name) except *:
+    if x.shape[0] != rows or x.shape[1] != width:
+        raise ValueError(f"{name} has shape ({x.shape[0]}, {x.shape[1]}), expected ({rows}, {width})")
+
+
+# ----------------------------------------------------------------------------------------------------
+# RMSNorm
+
+
+cdef void _rmsnorm_row(const float *x, const float *w, float *out, Py_ssize_t d, double eps) noexcept nogil:
+    cdef double ss = 0.0
+    cdef Py_ssize_t i
+    for i in range(d):
+        ss += <double>x[i] * <double>x[i]
+    cdef float inv = <float>(1.0 / sqrt(ss / <double>d + eps))
+    for i in range(d):
+        out[i] = (x[i] * inv) * w[i]
+
+
+def rmsnorm(const float[:, :] x, const float[::1] weight, double eps, float[:, :] out) -> None:
+    """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight; sum of squares in float64, in index order.
+
+    ``out`` may be ``x`` itself (in place).
+    """
+    cdef Py_ssize_t rows = x.shape[0], d = x.shape[1], r
+    _check_rows(out, rows, d, "out")
+    if weight.shape[0] != d:
+        raise ValueError(f"weight has {weight.shape[0]} elements, rows have {d}")
+    cdef Py_ssize_t xs = _row_stride(x, "x"), os = _row_stride(out, "out")
+    if rows == 0:
+        return
+    cdef const float *px = &x[0, 0]
+    cdef float *po = &out[0, 0]
+    cdef const float *pw = &weight[0]
+    if rows < _PARALLEL_MIN_ROWS or _num_threads == 1:
+        with nogil:
+            for r in range(rows):
+                _rmsnorm_row(px + r * xs, pw, po + r * os, d, eps)
+    else:
+        for r in prange(rows, nogil=True, schedule="static", num_threads=_num_threads):
+            _rmsnorm_row(px + r * xs, pw, po + r * os, d, eps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rotary embedding
+
+
+def rope(float[:, :] x, const int[::1] positions, const float[:, ::1] cos, const float[:, ::1] sin,
+         int n_heads) -> None:
+    """Rotate ``x`` [rows, n_heads * head_dim] in place, NeoX rotate-half pairing.
+
+    For each head, dimension i < head_dim/2 pairs with i + head_dim/2 and, with c, s = cos/sin[pos, i]:
+    x[i] <- x[i]*c - x[i+half]*s;  x[i+half] <- x[i+half]*c + x[i]*s.
+    """
+    cdef Py_ssize_t rows = x.shape[0], width = x.shape[1], half = cos.shape[1]
+    cdef Py_ssize_t ctx = cos.shape[0], r, h, i
+    if n_heads < 1 or width != n_heads * 2 * half:
+        raise ValueError(f"x width {width} != n_heads {n_heads} * head_dim {2 * half}")
+    if sin.shape[0] != ctx or sin.shape[1] != half:
+        raise ValueError("cos and sin tables differ in shape")
+    if positions.shape[0] != rows:
+        raise ValueError(f"{positions.shape[0]} positions for {rows} rows")
+    cdef Py_ssize_t xs = _row_stride(x, "x")
+    for r in range(rows):
+        if positions[r] < 0 or positions[r] >= ctx:
+            raise ValueError(f"position {positions[r]} outside the rotary table (0..{ctx - 1})")
+    if rows == 0:
+        return
+    cdef float *row
+    cdef const float *c
+    cdef const float *s
+    cdef float a, b
+    with nogil:
+        for r in range(rows):
+            c = &cos[positions[r], 0]
+            s = &sin[positions[r], 0]
+            for h in range(n_heads):
+                row = &x[0, 0] + r * xs + h * 2 * half
+                for i in range(half):
+                    a = row[i]
+                    b = row[i + half]
+                    row[i] = a * c[i] - b * s[i]
+                    row[i + half] = b * c[i] + a * s[i]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gated activations: the fused gate|up projection gives [rows, 2*d_ff], gate first.
+
+
+def _check_gate(const float[:, :] gate_up, float[:, :] out):
+    cdef Py_ssize_t rows = gate_up.shape[0], f = out.shape[1]
+    if gate_up.shape[1] != 2 * f or out.shape[0] != rows:
+        raise ValueError(
+            f"gate_up ({gate_up.shape[0]}, {gate_up.shape[1]}) needs out ({rows}, {gate_up.shape[1] // 2}),"
+            f" got ({out.shape[0]}, {f})"
+        )
+
+
+def relu2_gate(const float[:, :] gate_up, float[:, :] out) -> None:
+    """out = relu(g)^2 * u, computed as (g * g) * u for g > 0 else 0."""
+    _check_gate(gate_up, out)
+    cdef Py_ssize_t rows = out.shape[0], f = out.shape[1], r, i
+    cdef Py_ssize_t gs = _row_stride(gate_up, "gate_up"), os = _row_stride(out, "out")
+    if rows == 0:
+        return
+    cdef const float *g
+    cdef float *o
+    cdef float v
+    with nogil:
+        for r in range(rows):
+            g = &gate_up[0, 0] + r * gs
+            o = &out[0, 0] + r * os
+            for i in range(f):
+                v = g[i] if g[i] > 0.0 else 0.0
+                o[i] = (v * v) * g[f + i]
+
+
+def silu_gate(const float[:, :] gate_up, float[:, :] out) -> None:
+    """out = silu(g) * u, computed as (g / (1 + exp(-g))) * u."""
+    _check_gate(gate_up, out)
+    cdef Py_ssize_t rows = out.shape[0], f = out.shape[1], r, i
+    cdef Py_ssize_t gs = _row_stride(gate_up, "gate_up"), os = _row_stride(out, "out")
+    if rows == 0:
+        return
+    cdef const float *g
+    cdef float *o
+    with nogil:
+        for r in range(rows):
+            g = &gate_up[0, 0] + r * gs
+            o = &out[0, 0] + r * os
+            for i in range(f):
+                o[i] = (g[i] / (<float>1.0 + expf(-g[i]))) * g[f + i]
+
+
+# ----------------------------------------------------------------------------------------------------
+# KV cache and attention
+
+
+cdef void _check_cache(const float[:, :, :, ::1] k_cache, const float[:, :, :, ::1] v_cache,
+                       const int[::1] slots, const int[::1] positions, Py_ssize_t rows) except *:
+    cdef Py_ssize_t r
+    for r in range(4):
+        if k_cache.shape[r] != v_cache.shape[r]:
+            raise ValueError("k_cache and v_cache differ in shape")
+    if slots.shape[0] != rows or positions.shape[0] != rows:
+        raise ValueError(f"{slots.shape[0]} slots and {positions.shape[0]} positions for {rows} rows")
+    for r in range(rows):
+        if slots[r] < 0 or slots[r] >= k_cache.shape[0]:
+            raise ValueError(f"slot {slots[r]} outside 0..{k_cache.shape[0] - 1}")
+        if positions[r] < 0 or positions[r] >= k_cache.shape[1]:
+            raise ValueError(f"position {positions[r]} outside the cache (0..{k_cache.shape[1] - 1})")
+
+
+def kv_store(const float[:, :] k, const float[:, :] v, float[:, :, :, ::1] k_cache,
+             float[:, :, :, ::1] v_cache, const int[::1] slots, const int[::1] positions) -> None:
+    """Write each row's k and v ([rows, n_kv * head_dim]) into its (slot, position) of the cache."""
+    cdef Py_ssize_t rows = k.shape[0], r
+    cdef Py_ssize_t width = k_cache.shape[2] * k_cache.shape[3]
+    _check_rows(k, rows, width, "k")
+    _check_rows(v, rows, width, "v")
+    _check_cache(k_cache, v_cache, slots, positions, rows)
+    cdef Py_ssize_t ks = _row_stride(k, "k"), vs = _row_stride(v, "v")
+    if rows == 0:
+        return
+    with nogil:
+        for r in range(rows):
+            memcpy(&k_cache[slots[r], positions[r], 0, 0], &k[0, 0] + r * ks, width * sizeof(float))
+            memcpy(&v_cache[slots[r], positions[r], 0, 0], &v[0, 0] + r * vs, width * sizeof(float))
+
+
+cdef void _attend_one(const float *q, const float *k_base, const float *v_base, float *out, float *scores,
+                      Py_ssize_t n_pos, Py_ssize_t pos_stride, Py_ssize_t head_dim,
+                      float scale) noexcept nogil:
+    """One query head over positions 0..n_pos-1 of one slot and KV head (bases already offset)."""
+    cdef Py_ssize_t t, d
+    cdef float m, p, total = 0.0, inv
+    m = -3.4028234663852886e38
+    for t in range(n_pos):
+        scores[t] = fo_dot_f32(q, k_base + t * pos_stride, head_dim) * scale
+        if scores[t] > m:
+            m = scores[t]
+    for t in range(n_pos):
+        scores[t] = expf(scores[t] - m)
+        total = total + scores[t]
+    for d in range(head_dim):
+        out[d] = 0.0
+    for t in range(n_pos):
+        p = scores[t]
+        for d in range(head_dim):
+            out[d] = out[d] + p * v_base[t * pos_stride + d]
+    inv = <float>1.0 / total
+    for d in range(head_dim):
+        out[d] = out[d] * inv
+
+
+def attention(const float[:, :] q, const float[:, :, :, ::1] k_cache, const float[:, :, :, ::1] v_cache,
+              const int[::1] slots, const int[::1] positions, float[:, :] out,
+              float[:, ::1] scratch) -> None:
+    """Causal GQA attention of each query row over its slot's cache, positions 0..positions[r].
+
+    q, out: [rows, n_heads * head_dim]. Query head j reads KV head j // (n_heads // n_kv). Scores are
+    q.k (fixed-order dot) * 1/sqrt(head_dim); softmax in float32 (max subtracted, sum in position
+    order); the output accumulates p[t] * v[t] in position order and is divided by the sum at the end.
+    scratch: [>= 1, ctx] float32, one row per thread for the scores (fewer rows = fewer threads).
+    """
+    cdef Py_ssize_t rows = q.shape[0], n_kv = k_cache.shape[2], head_dim = k_cache.shape[3]
+    cdef Py_ssize_t ctx = k_cache.shape[1]
+    if head_dim < 1 or q.shape[1] % head_dim or (q.shape[1] // head_dim) % n_kv:
+        raise ValueError(f"q width {q.shape[1]} is not a multiple of n_kv {n_kv} * head_dim {head_dim}")
+    cdef Py_ssize_t n_heads = q.shape[1] // head_dim, group = n_heads // n_kv
+    _check_rows(out, rows, q.shape[1], "out")
+    _check_cache(k_cache, v_cache, slots, positions, rows)
+    if scratch.shape[0] < 1 or scratch.shape[1] < ctx:
+        raise ValueError(f"scratch must be [threads, >= {ctx}], got ({scratch.shape[0]}, {scratch.shape[1]})")
+    cdef Py_ssize_t qs = _row_stride(q, "q"), os = _row_stride(out, "out")
+    if rows == 0:
+        return
+    cdef float scale = <float>(1.0 / sqrt(<double>head_dim))
+    cdef Py_ssize_t pos_stride = n_kv * head_dim, slot_stride = ctx * pos_stride
+    cdef Py_ssize_t scratch_stride = scratch.shape[1]
+    cdef Py_ssize_t work = rows * n_heads, item, r, h
+    cdef int threads = min(_num_threads, <int>scratch.shape[0])
+    cdef const float *pq = &q[0, 0]
+    cdef const float *pk = &k_cache[0, 0, 0, 0]
+    cdef const float *pv = &v_cache[0, 0, 0, 0]
+    cdef float *po = &out[0, 0]
+    cdef float *ps = &scratch[0, 0]
+    if threads == 1 or work < 2:
+        with nogil:
+            for item in range(work):
+                r = item // n_heads
+                h = item % n_heads
+                _attend_one(
+                    pq + r * qs + h * head_dim,
+                    pk + slots[r] * slot_stride + (h // group) * head_dim,
+                    pv + slots[r] * slot_stride + (h // group) * head_dim,
+                    po + r * os + h * head_dim, ps, positions[r] + 1, pos_stride, head_dim, scale,
+                )
+    else:
+        for item in prange(work, nogil=True, schedule="dynamic", num_threads=threads):
+            r = item // n_heads
+            h = item % n_heads
+            _attend_one(
+                pq + r * qs + h * head_dim,
+                pk + slots[r] * slot_stride + (h // group) * head_dim,
+                pv + slots[r] * slot_stride + (h // group) * head_dim,
+                po + r * os + h * head_dim, ps + threadid() * scratch_stride, positions[r] + 1,
+                pos_stride, head_dim, scale,
+            )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output head and embedding lookup
+
+
+def matmul_rows(const float[:, :] x, const float[:, ::1] w, float[:, :] out) -> None:
+    """out[r, v] = dot(x[r], w[v]) for x [rows, d], w [vocab, d] float32 (fixed-order dot per entry)."""
+    cdef Py_ssize_t rows = x.shape[0], d = x.shape[1], n = w.shape[0], v, r
+    if w.shape[1] != d:
+        raise ValueError(f"w has rows of {w.shape[1]}, x has rows of {d}")
+    _check_rows(out, rows, n, "out")
+    cdef Py_ssize_t xs = _row_stride(x, "x"), os = _row_stride(out, "out")
+    if rows == 0 or n == 0:
+        return
+    cdef const float *px = &x[0, 0]
+    cdef const float *pw = &w[0, 0]
+    cdef float *po = &out[0, 0]
+    for v in prange(n, nogil=True, schedule="static", num_threads=_num_threads):
+        for r in range(rows):
+            po[r * os + v] = fo_dot_f32(px + r * xs, pw + v * d, d)
+
+
+def matmul_rows_f16(const float[:, :] x, const uint16_t[:, ::1] w, float[:, :] out) -> None:
+    """As matmul_rows, with w stored as IEEE half bit patterns (widened exactly to float32)."""
+    cdef Py_ssize_t rows = x.shape[0], d = x.shape[1], n = w.shape[0], v, r
+    if w.shape[1] != d:
+        raise ValueError(f"w has rows of {w.shape[1]}, x has rows of {d}")
+    _check_rows(out, rows, n, "out")
+    cdef Py_ssize_t xs = _row_stride(x, "x"), os = _row_stride(out, "out")
+    if rows == 0 or n == 0:
+        return
+    cdef const float *px = &x[0, 0]
+    cdef const uint16_t *pw = &w[0, 0]
+    cdef float *po = &out[0, 0]
+    for v in prange(n, nogil=True, schedule="static", num_threads=_num_threads):
+        for r in range(rows):
+            po[r * os + v] = fo_dot_f16(px + r * xs, pw + v * d, d)
+
+
+def embed_rows_f16(const uint16_t[:, ::1] table, const int[::1] tokens, float[:, :] out) -> None:
+    """out[r] = float32(table[tokens[r]]) for a half-precision embedding table."""
+    cdef Py_ssize_t rows = tokens.shape[0], d = table.shape[1], r, i
+    _check_rows(out, rows, d, "out")
+    for r in range(rows):
+        if tokens[r] < 0 or tokens[r] >= table.shape[0]:
+            raise ValueError(f"token id {tokens[r]} outside the vocabulary (0..{table.shape[0] - 1})")
+    cdef Py_ssize_t os = _row_stride(out, "out")
+    if rows == 0:
+        return
+    cdef float *po = &out[0, 0]
+    with nogil:
+        for r in range(rows):
+            for i in range(d):
+                po[r * os + i] = fo_half_to_float(table[tokens[r], i])

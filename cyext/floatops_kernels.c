@@ -1,0 +1,121 @@
+/* Fixed-order float dot products (see floatops_kernels.h for the order every path must follow). */
+#include "floatops_kernels.h"
+
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define FO_X86 1
+#include <immintrin.h>
+#else
+#define FO_X86 0
+#endif
+
+static int g_path = 0; /* portable until fo_select_path() says otherwise */
+
+float fo_half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exponent = (h >> 10) & 0x1fu;
+    uint32_t mantissa = h & 0x3ffu;
+    uint32_t bits;
+    float f;
+    if (exponent == 0x1f) {
+        bits = sign | 0x7f800000u | (mantissa << 13); /* inf / nan */
+    } else if (exponent == 0) {
+        /* zero or subnormal: mantissa * 2^-24, exact in float */
+        f = (float)mantissa * 5.9604644775390625e-08f;
+        return sign ? -f : f;
+    } else {
+        bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    }
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Fold the lanes in the documented tree order. */
+static inline float fold_lanes(float *lane) {
+    for (int w = FO_LANES / 2; w > 0; w /= 2)
+        for (int j = 0; j < w; j++) lane[j] += lane[j + w];
+    return lane[0];
+}
+
+static float dot_f32_portable(const float *a, const float *b, ptrdiff_t n) {
+    float lane[FO_LANES] = {0};
+    ptrdiff_t i = 0;
+    for (; i + FO_LANES <= n; i += FO_LANES)
+        for (int j = 0; j < FO_LANES; j++) lane[j] += a[i + j] * b[i + j];
+    for (int j = 0; i < n; i++, j++) lane[j] += a[i] * b[i];
+    return fold_lanes(lane);
+}
+
+static float dot_f16_portable(const float *a, const uint16_t *b, ptrdiff_t n) {
+    float lane[FO_LANES] = {0};
+    ptrdiff_t i = 0;
+    for (; i + FO_LANES <= n; i += FO_LANES)
+        for (int j = 0; j < FO_LANES; j++) lane[j] += a[i + j] * fo_half_to_float(b[i + j]);
+    for (int j = 0; i < n; i++, j++) lane[j] += a[i] * fo_half_to_float(b[i]);
+    return fold_lanes(lane);
+}
+
+#if FO_X86
+/* Lanes 0-7 live in lo, 8-15 in hi; multiply and add are separate instructions (no FMA), as in C. */
+__attribute__((target("avx2"))) static float dot_f32_avx2(const float *a, const float *b, ptrdiff_t n) {
+    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+    ptrdiff_t i = 0;
+    for (; i + FO_LANES <= n; i += FO_LANES) {
+        lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+        hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8)));
+    }
+    float lane[FO_LANES];
+    _mm256_storeu_ps(lane, lo);
+    _mm256_storeu_ps(lane + 8, hi);
+    for (int j = 0; i < n; i++, j++) lane[j] += a[i] * b[i];
+    return fold_lanes(lane);
+}
+
+__attribute__((target("avx2,f16c"))) static float dot_f16_avx2(const float *a, const uint16_t *b,
+                                                                ptrdiff_t n) {
+    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+    ptrdiff_t i = 0;
+    for (; i + FO_LANES <= n; i += FO_LANES) {
+        __m256 b_lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i)));
+        __m256 b_hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i + 8)));
+        lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(a + i), b_lo));
+        hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_loadu_ps(a + i + 8), b_hi));
+    }
+    float lane[FO_LANES];
+    _mm256_storeu_ps(lane, lo);
+    _mm256_storeu_ps(lane + 8, hi);
+    for (int j = 0; i < n; i++, j++) lane[j] += a[i] * fo_half_to_float(b[i]);
+    return fold_lanes(lane);
+}
+#endif
+
+int fo_best_path(void) {
+#if FO_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return 1;
+#endif
+    return 0;
+}
+
+int fo_select_path(int path) {
+    int best = fo_best_path();
+    g_path = path < 0 ? 0 : (path > best ? best : path);
+    return g_path;
+}
+
+int fo_current_path(void) { return g_path; }
+
+float fo_dot_f32(const float *a, const float *b, ptrdiff_t n) {
+#if FO_X86
+    if (g_path == 1) return dot_f32_avx2(a, b, n);
+#endif
+    return dot_f32_portable(a, b, n);
+}
+
+float fo_dot_f16(const float *a, const uint16_t *b, ptrdiff_t n) {
+#if FO_X86
+    if (g_path == 1) return dot_f16_avx2(a, b, n);
+#endif
+    return dot_f16_portable(a, b, n);
+}

@@ -1,0 +1,30 @@
+/* Float dot products with a fixed summation order, shared by the float kernels in floatops.pyx.
+ *
+ * Why a fixed order: numpy/BLAS choose blocking by matrix shape and thread count, so a row's result can
+ * change with the batch it runs in. Here every dot product of length n is defined as:
+ *   lane j (0 <= j < FO_LANES) sums a[i] * b[i] for i = j, j + FO_LANES, ... in increasing i
+ *   (each product rounded to float, then added: built with -ffp-contract=off, so no FMA);
+ *   the n % FO_LANES tail elements go to lanes 0, 1, ... in order;
+ *   the lanes are then folded as a tree: for w = 8, 4, 2, 1: lane[j] += lane[j + w].
+ * Every code path (portable C, AVX2) computes exactly this, so results are bit-identical across paths,
+ * thread counts and batch shapes. cyext/reference.py emulates it in numpy.
+ */
+#ifndef FLOATOPS_KERNELS_H
+#define FLOATOPS_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define FO_LANES 16
+
+/* 0 = portable C, 1 = AVX2 (+F16C). fo_select_path() clamps to what the CPU supports. */
+int fo_best_path(void);
+int fo_select_path(int path);
+int fo_current_path(void);
+
+float fo_dot_f32(const float *a, const float *b, ptrdiff_t n);
+/* b holds IEEE binary16 bit patterns; each is widened to float exactly before the multiply. */
+float fo_dot_f16(const float *a, const uint16_t *b, ptrdiff_t n);
+float fo_half_to_float(uint16_t h);
+
+#endif
