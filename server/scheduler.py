@@ -1,0 +1,336 @@
+"""Continuous batching: one engine thread runs every sequence in flight through shared forward passes.
+
+Each step the engine thread drops cancelled and expired sequences, admits waiting ones into free KV
+slots (FIFO), builds one batch of decode rows (one per running sequence) plus prefill chunks of new
+arrivals within a token budget, calls `Model.forward` once, and hands each sampled token to that
+sequence's own state (its sampler, its detokeniser, its stop strings). Prefill is chunked so that a long
+prompt never stalls running streams for more than one step.
+
+Nothing here knows gRPC. Results leave through per-sequence channels (`queue.Queue`, unbounded: at most
+max_tokens events each), so a slow reader never blocks the engine thread or the other sequences.
+Batch invariance holds because the model's rows are independent and each sequence samples with its own
+seeded state from its own logits row, whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STEP_TOKENS = 256
+
+
+class Abort(enum.Enum):
+    """Why a sequence ended without finishing; the names match gRPC status codes."""
+
+    CANCELLED = "cancelled"
+    DEADLINE_EXCEEDED = "deadline exceeded"
+    UNAVAILABLE = "server is shutting down"
+    INTERNAL = "internal error"
+
+
+class QueueFull(Exception):
+    """The queue has no room; `retry_after` estimates seconds until a slot frees up."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class SequenceDecoder(Protocol):
+    """The engine's per-sequence state: sampler, detokeniser and stop conditions of one request."""
+
+    def step(self, logits: np.ndarray) -> Any:
+        """Sample from this sequence's logits row; returns the event for the client (with
+        `finish_reason` set when the sequence is done)."""
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The last event of a sequence that did not finish normally."""
+
+    reason: Abort
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Update:
+    """One item of a channel: `event` is the engine's token event or a `Failed`; `time` is monotonic."""
+
+    tag: int
+    event: Any
+    time: float
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the scheduler. Other threads may only read it, or call `cancel()`."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    decoder: SequenceDecoder
+    channel: queue.Queue
+    tag: int = 0
+    deadline: float | None = None  # time.monotonic() value
+    request_id: str = ""
+    arrival: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    generated: int = 0
+    slot: int | None = None
+    prefilled: int = 0
+    done: bool = False
+    _cancelled: bool = False
+    _wake: Callable[[], None] | None = None
+
+    def cancel(self) -> None:
+        """Ask the engine thread to drop this sequence at its next step (and free its slot)."""
+        self._cancelled = True
+        if self._wake is not None:
+            self._wake()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+
+class Scheduler:
+    """Admission queue plus the engine thread. `submit` is thread-safe; everything else runs inside."""
+
+    def __init__(
+        self,
+        forward: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+        *,
+        max_batch: int,
+        max_queue: int,
+        step_tokens: int = DEFAULT_STEP_TOKENS,
+    ) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"need max_batch >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
+        if step_tokens < max_batch:
+            raise ValueError(f"step_tokens ({step_tokens}) must cover one decode row per slot ({max_batch})")
+        self._forward = forward
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.step_tokens = step_tokens
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._waiting: deque[Sequence] = deque()
+        self._active: list[Sequence] = []
+        self._free_slots = list(range(max_batch - 1, -1, -1))
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._step_seconds = 0.05  # moving average, for retry hints
+        self.steps = 0
+
+    # ---- called from other threads -------------------------------------------------------------------
+    def start(self) -> None:
+        with self._lock:
+            if self._running:
+                return
+            self._running = True
+        self._thread = threading.Thread(target=self._run, name="bitnet-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the engine thread; sequences still in flight end with UNAVAILABLE."""
+        with self._work:
+            self._running = False
+            self._work.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._lock:
+            leftovers = list(self._waiting) + self._active
+            self._waiting.clear()
+            self._active = []
+        for seq in leftovers:
+            self._finish(seq, Failed(Abort.UNAVAILABLE), time.monotonic())
+
+    def submit(self, sequences: Iterable[Sequence]) -> None:
+        """Queue sequences all together, or none: raises QueueFull when they do not all fit."""
+        batch = list(sequences)
+        with self._work:
+            if not self._running:
+                raise RuntimeError("scheduler is not running")
+            room = self.max_batch + self.max_queue - len(self._active) - len(self._waiting)
+            if len(batch) > room:
+                raise QueueFull(
+                    f"{len(self._active)} sequences running and {len(self._waiting)} waiting "
+                    f"(limits: --max-batch {self.max_batch}, --max-queue {self.max_queue})",
+                    retry_after=self.retry_after(),
+                )
+            for seq in batch:
+                seq._wake = self._wake
+                self._waiting.append(seq)
+            self._work.notify_all()
+
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def active_count(self) -> int:
+        return len(self._active)
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._waiting and not self._active
+
+    def _wake(self) -> None:
+        with self._work:
+            self._work.notify_all()
+
+    def retry_after(self) -> float:
+        """Rough seconds until a slot frees: a quarter of a typical generation, bounded to [0.1, 10]."""
+        return min(10.0, max(0.1, self._step_seconds * 32))
+
+    # ---- the engine thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._work:
+                while self._running and not self._waiting and not self._active:
+                    self._work.wait()
+                if not self._running:
+                    return
+            try:
+                self._step()
+            except Exception:  # a bug must not leave clients hanging: fail what is in flight
+                log.exception("engine step failed; failing the sequences in flight")
+                now = time.monotonic()
+                with self._lock:
+                    failed, self._active = self._active, []
+                for seq in failed:
+                    self._release(seq)
+                    self._finish(seq, Failed(Abort.INTERNAL, "engine step failed"), now)
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        self._drop_ended(now)
+        self._admit(now)
+        batch = self._build_batch()
+        if batch is None:
+            return
+        slots, tokens, positions, logit_rows, samplers = batch
+        started = time.monotonic()
+        logits = self._forward(slots, tokens, positions, logit_rows)
+        now = time.monotonic()
+        self._step_seconds = 0.9 * self._step_seconds + 0.1 * (now - started)
+        self.steps += 1
+        for row, seq in enumerate(samplers):
+            if seq.cancelled:  # cancelled during the forward pass: its token would go nowhere
+                continue
+            try:
+                event = seq.decoder.step(logits[row])
+            except Exception:  # one sequence's failure (say, its stop-string code) is its own
+                log.exception("sampling failed for request %s", seq.request_id)
+                self._retire(seq)
+                self._finish(seq, Failed(Abort.INTERNAL, "sampling failed"), now)
+                continue
+            seq.generated += 1
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            seq.last_token_at = now
+            if getattr(event, "finish_reason", None) is not None:
+                self._retire(seq)
+                self._finish(seq, event, now)
+            else:
+                seq.channel.put(Update(seq.tag, event, now))
+
+    def _retire(self, seq: Sequence) -> None:
+        """Take a running sequence out of the batch and free its KV slot."""
+        with self._lock:
+            if seq in self._active:
+                self._active.remove(seq)
+        self._release(seq)
+
+    def _drop_ended(self, now: float) -> None:
+        """Cancelled or expired sequences leave, queued or running; their slots free at once."""
+
+        def ended(seq: Sequence) -> Failed | None:
+            if seq.cancelled:
+                return Failed(Abort.CANCELLED)
+            if seq.deadline is not None and now >= seq.deadline:
+                where = "running" if seq.slot is not None else "queued"
+                return Failed(Abort.DEADLINE_EXCEEDED, f"deadline passed while {where}")
+            return None
+
+        with self._lock:
+            dropped = [(s, f) for s in list(self._waiting) + self._active if (f := ended(s)) is not None]
+            for seq, _ in dropped:
+                if seq.slot is None:
+                    self._waiting.remove(seq)
+                else:
+                    self._active.remove(seq)
+        for seq, failure in dropped:
+            self._release(seq)
+            self._finish(seq, failure, now)
+
+    def _admit(self, now: float) -> None:
+        with self._lock:
+            while self._waiting and self._free_slots:
+                seq = self._waiting.popleft()
+                seq.slot = self._free_slots.pop()
+                seq.admitted_at = now
+                self._active.append(seq)
+
+    def _build_batch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[Sequence]] | None:
+        """Decode rows first (one per running sequence), then prefill chunks in admission order."""
+        slots: list[int] = []
+        tokens: list[int] = []
+        positions: list[int] = []
+        logit_rows: list[int] = []
+        samplers: list[Sequence] = []
+        decoding = [s for s in self._active if s.prefilled == len(s.prompt_ids)]
+        prefilling = [s for s in self._active if s.prefilled < len(s.prompt_ids)]
+        for seq in decoding:
+            pos = len(seq.prompt_ids) + seq.generated - 1
+            slots.append(seq.slot)
+            tokens.append(seq.decoder.last_token)
+            positions.append(pos)
+            logit_rows.append(len(tokens) - 1)
+            samplers.append(seq)
+        budget = self.step_tokens - len(tokens)
+        for seq in prefilling:
+            if budget <= 0:
+                break
+            start = seq.prefilled
+            chunk = seq.prompt_ids[start : start + budget]
+            slots.extend([seq.slot] * len(chunk))
+            tokens.extend(chunk)
+            positions.extend(range(start, start + len(chunk)))
+            seq.prefilled += len(chunk)
+            budget -= len(chunk)
+            if seq.prefilled == len(seq.prompt_ids):
+                logit_rows.append(len(tokens) - 1)
+                samplers.append(seq)
+        if not tokens:
+            return None
+        return (
+            np.asarray(slots, dtype=np.int32),
+            np.asarray(tokens, dtype=np.int32),
+            np.asarray(positions, dtype=np.int32),
+            np.asarray(logit_rows, dtype=np.int32),
+            samplers,
+        )
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.slot is not None:
+            with self._lock:
+                self._free_slots.append(seq.slot)
+            seq.slot = None
+
+    def _finish(self, seq: Sequence, last: Any, now: float) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        seq.channel.put(Update(seq.tag, last, now))
