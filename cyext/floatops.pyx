@@ -32,6 +32,8 @@ cdef extern from "floatops_kernels.h" nogil:
     float fo_dot_f32(const float *a, const float *b, Py_ssize_t n)
     float fo_dot_f16(const float *a, const uint16_t *b, Py_ssize_t n)
     float fo_half_to_float(uint16_t h)
+    void fo_dot4_f32(const float **x, const float *b, Py_ssize_t n, float *out)
+    void fo_dot4_f16(const float **x, const uint16_t *b, Py_ssize_t n, float *out)
 
 
 LANES = FO_LANES
@@ -334,9 +336,33 @@ def attention(const float[:, :] q, const float[:, :, :, ::1] k_cache, const floa
 # Output head and embedding lookup
 
 
+cdef void _head_column(const float *x, Py_ssize_t xs, Py_ssize_t rows, const void *w_row, bint half,
+                       Py_ssize_t d, float *out, Py_ssize_t os) noexcept nogil:
+    """out[r * os] = dot(x[r], w_row) for all rows, four rows per pass over the weight row."""
+    cdef const float *group[4]
+    cdef float res[4]
+    cdef Py_ssize_t r = 0, j
+    while r + 4 <= rows:
+        for j in range(4):
+            group[j] = x + (r + j) * xs
+        if half:
+            fo_dot4_f16(group, <const uint16_t *>w_row, d, res)
+        else:
+            fo_dot4_f32(group, <const float *>w_row, d, res)
+        for j in range(4):
+            out[(r + j) * os] = res[j]
+        r += 4
+    while r < rows:
+        if half:
+            out[r * os] = fo_dot_f16(x + r * xs, <const uint16_t *>w_row, d)
+        else:
+            out[r * os] = fo_dot_f32(x + r * xs, <const float *>w_row, d)
+        r += 1
+
+
 def matmul_rows(const float[:, :] x, const float[:, ::1] w, float[:, :] out) -> None:
     """out[r, v] = dot(x[r], w[v]) for x [rows, d], w [vocab, d] float32 (fixed-order dot per entry)."""
-    cdef Py_ssize_t rows = x.shape[0], d = x.shape[1], n = w.shape[0], v, r
+    cdef Py_ssize_t rows = x.shape[0], d = x.shape[1], n = w.shape[0], v
     if w.shape[1] != d:
         raise ValueError(f"w has rows of {w.shape[1]}, x has rows of {d}")
     _check_rows(out, rows, n, "out")
@@ -347,13 +373,12 @@ def matmul_rows(const float[:, :] x, const float[:, ::1] w, float[:, :] out) -> 
     cdef const float *pw = &w[0, 0]
     cdef float *po = &out[0, 0]
     for v in prange(n, nogil=True, schedule="static", num_threads=_num_threads):
-        for r in range(rows):
-            po[r * os + v] = fo_dot_f32(px + r * xs, pw + v * d, d)
+        _head_column(px, xs, rows, pw + v * d, False, d, po + v, os)
 
 
 def matmul_rows_f16(const float[:, :] x, const uint16_t[:, ::1] w, float[:, :] out) -> None:
     """As matmul_rows, with w stored as IEEE half bit patterns (widened exactly to float32)."""
-    cdef Py_ssize_t rows = x.shape[0], d = x.shape[1], n = w.shape[0], v, r
+    cdef Py_ssize_t rows = x.shape[0], d = x.shape[1], n = w.shape[0], v
     if w.shape[1] != d:
         raise ValueError(f"w has rows of {w.shape[1]}, x has rows of {d}")
     _check_rows(out, rows, n, "out")
@@ -364,8 +389,7 @@ def matmul_rows_f16(const float[:, :] x, const uint16_t[:, ::1] w, float[:, :] o
     cdef const uint16_t *pw = &w[0, 0]
     cdef float *po = &out[0, 0]
     for v in prange(n, nogil=True, schedule="static", num_threads=_num_threads):
-        for r in range(rows):
-            po[r * os + v] = fo_dot_f16(px + r * xs, pw + v * d, d)
+        _head_column(px, xs, rows, pw + v * d, True, d, po + v, os)
 
 
 def embed_rows_f16(const uint16_t[:, ::1] table, const int[::1] tokens, float[:, :] out) -> None:

@@ -88,6 +88,44 @@ __attribute__((target("avx2,f16c"))) static float dot_f16_avx2(const float *a, c
     for (int j = 0; i < n; i++, j++) lane[j] += a[i] * fo_half_to_float(b[i]);
     return fold_lanes(lane);
 }
+
+/* Four activation rows against one weight row: each row keeps its own 16 lanes (same order as
+   dot_f32_avx2), the weight vector is loaded once; eight independent add chains hide latency. */
+#define FO_DOT4_BODY(LOAD_W)                                                                        \
+    __m256 lo[4], hi[4];                                                                            \
+    for (int r = 0; r < 4; r++) lo[r] = hi[r] = _mm256_setzero_ps();                               \
+    ptrdiff_t i = 0;                                                                                \
+    for (; i + FO_LANES <= n; i += FO_LANES) {                                                      \
+        __m256 w_lo = LOAD_W(i), w_hi = LOAD_W(i + 8);                                              \
+        for (int r = 0; r < 4; r++) {                                                               \
+            lo[r] = _mm256_add_ps(lo[r], _mm256_mul_ps(_mm256_loadu_ps(x[r] + i), w_lo));           \
+            hi[r] = _mm256_add_ps(hi[r], _mm256_mul_ps(_mm256_loadu_ps(x[r] + i + 8), w_hi));       \
+        }                                                                                           \
+    }                                                                                               \
+    for (int r = 0; r < 4; r++) {                                                                   \
+        float lane[FO_LANES];                                                                       \
+        _mm256_storeu_ps(lane, lo[r]);                                                              \
+        _mm256_storeu_ps(lane + 8, hi[r]);                                                          \
+        ptrdiff_t t = i;                                                                            \
+        for (int j = 0; t < n; t++, j++) lane[j] += x[r][t] * TAIL_W(t);                            \
+        out[r] = fold_lanes(lane);                                                                  \
+    }
+
+#define LOAD_F32(i) _mm256_loadu_ps(b + (i))
+#define TAIL_W(t) b[t]
+__attribute__((target("avx2"))) static void dot4_f32_avx2(const float *const x[4], const float *b,
+                                                          ptrdiff_t n, float out[4]) {
+    FO_DOT4_BODY(LOAD_F32)
+}
+#undef TAIL_W
+
+#define LOAD_F16(i) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + (i))))
+#define TAIL_W(t) fo_half_to_float(b[t])
+__attribute__((target("avx2,f16c"))) static void dot4_f16_avx2(const float *const x[4], const uint16_t *b,
+                                                               ptrdiff_t n, float out[4]) {
+    FO_DOT4_BODY(LOAD_F16)
+}
+#undef TAIL_W
 #endif
 
 int fo_best_path(void) {
@@ -118,4 +156,24 @@ float fo_dot_f16(const float *a, const uint16_t *b, ptrdiff_t n) {
     if (g_path == 1) return dot_f16_avx2(a, b, n);
 #endif
     return dot_f16_portable(a, b, n);
+}
+
+void fo_dot4_f32(const float *const x[4], const float *b, ptrdiff_t n, float out[4]) {
+#if FO_X86
+    if (g_path == 1) {
+        dot4_f32_avx2(x, b, n, out);
+        return;
+    }
+#endif
+    for (int r = 0; r < 4; r++) out[r] = dot_f32_portable(x[r], b, n);
+}
+
+void fo_dot4_f16(const float *const x[4], const uint16_t *b, ptrdiff_t n, float out[4]) {
+#if FO_X86
+    if (g_path == 1) {
+        dot4_f16_avx2(x, b, n, out);
+        return;
+    }
+#endif
+    for (int r = 0; r < 4; r++) out[r] = dot_f16_portable(x[r], b, n);
 }

@@ -26,5 +26,8 @@ float fo_dot_f32(const float *a, const float *b, ptrdiff_t n);
 /* b holds IEEE binary16 bit patterns; each is widened to float exactly before the multiply. */
 float fo_dot_f16(const float *a, const uint16_t *b, ptrdiff_t n);
 float fo_half_to_float(uint16_t h);
+/* out[r] = dot(x[r], b) for four rows at once, each bit-identical to the single-row function. */
+void fo_dot4_f32(const float *const x[4], const float *b, ptrdiff_t n, float out[4]);
+void fo_dot4_f16(const float *const x[4], const uint16_t *b, ptrdiff_t n, float out[4]);
 
 #endif

@@ -1,0 +1,220 @@
+"""Float kernels against their numpy references, and the batch-invariance promise row by row."""
+
+import numpy as np
+import pytest
+from bitnet_grpc.cyext import floatops
+from bitnet_grpc.cyext import reference as ref
+
+
+@pytest.fixture(params=floatops.kernel_paths())
+def kernel_path(request):
+    before = floatops.get_kernel_path()
+    floatops.set_kernel_path(request.param)
+    yield request.param
+    floatops.set_kernel_path(before)
+
+
+def rand(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("d", [1, 15, 16, 17, 100, 2560])
+def test_matmul_rows_is_the_documented_fixed_order(kernel_path, d):
+    rng = np.random.default_rng(d)
+    x, w = rand(rng, 5, d), rand(rng, 37, d)
+    out = np.empty((5, 37), np.float32)
+    floatops.matmul_rows(x, w, out)
+    np.testing.assert_array_equal(out, ref.matmul_rows(x, w))
+    np.testing.assert_allclose(out, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_rows_f16_equals_f32_on_the_widened_table(kernel_path):
+    rng = np.random.default_rng(1)
+    x = rand(rng, 3, 70)
+    w16 = rand(rng, 50, 70).astype(np.float16)
+    w16[0, :4] = [np.float16(6e-8), np.float16(-1e-5), np.float16(65504), np.float16(-0.0)]  # subnormals, max
+    out16 = np.empty((3, 50), np.float32)
+    out32 = np.empty((3, 50), np.float32)
+    floatops.matmul_rows_f16(x, w16.view(np.uint16), out16)
+    floatops.matmul_rows(x, w16.astype(np.float32), out32)
+    np.testing.assert_array_equal(out16, out32)
+    np.testing.assert_array_equal(out16, ref.matmul_rows(x, w16))
+
+
+def test_matmul_rows_batch_and_thread_invariant():
+    rng = np.random.default_rng(2)
+    x, w = rand(rng, 9, 300), rand(rng, 257, 300)
+    batched = np.empty((9, 257), np.float32)
+    floatops.matmul_rows(x, w, batched)
+    threads = floatops.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            floatops.set_num_threads(n_threads)
+            for r in range(9):
+                alone = np.empty((1, 257), np.float32)
+                floatops.matmul_rows(x[r : r + 1], w, alone)
+                np.testing.assert_array_equal(alone[0], batched[r])
+    finally:
+        floatops.set_num_threads(threads)
+
+
+def test_kernel_paths_agree_bit_for_bit():
+    rng = np.random.default_rng(3)
+    x, w = rand(rng, 4, 2048 + 7), rand(rng, 64, 2048 + 7)
+    results = []
+    for path in floatops.kernel_paths():
+        floatops.set_kernel_path(path)
+        out = np.empty((4, 64), np.float32)
+        floatops.matmul_rows(x, w, out)
+        results.append(out)
+    floatops.set_kernel_path(floatops.kernel_paths()[-1])
+    for other in results[1:]:
+        np.testing.assert_array_equal(other, results[0])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_rmsnorm_matches_reference_and_works_in_place(rows):
+    rng = np.random.default_rng(rows)
+    x = rand(rng, rows, 640, scale=3.0)
+    w = 1 + rand(rng, 640, scale=0.1)
+    out = np.empty_like(x)
+    floatops.rmsnorm(x, w, 1e-5, out)
+    np.testing.assert_allclose(out, ref.rmsnorm(x, w, 1e-5), rtol=1e-5, atol=1e-6)
+    inplace = x.copy()
+    floatops.rmsnorm(inplace, w, 1e-5, inplace)
+    np.testing.assert_array_equal(inplace, out)
+    for r in range(rows):
+        alone = np.empty((1, 640), np.float32)
+        floatops.rmsnorm(x[r : r + 1], w, 1e-5, alone)
+        np.testing.assert_array_equal(alone[0], out[r])
+
+
+def test_rmsnorm_eps_matters_for_zero_rows():
+    x = np.zeros((1, 8), np.float32)
+    out = np.full((1, 8), np.nan, np.float32)
+    floatops.rmsnorm(x, np.ones(8, np.float32), 1e-5, out)
+    np.testing.assert_array_equal(out, 0)
+
+
+def test_rope_matches_reference_on_strided_rows():
+    rng = np.random.default_rng(4)
+    n_heads, head_dim = 4, 32
+    cos, sin = ref.rope_tables(64, head_dim, 10000.0)
+    fused = rand(rng, 5, n_heads * head_dim + 20)  # rope works on a view into a wider buffer
+    positions = np.array([0, 1, 7, 63, 7], np.int32)
+    expected = ref.rope(fused[:, : n_heads * head_dim].copy(), positions, cos, sin, n_heads)
+    floatops.rope(fused[:, : n_heads * head_dim], positions, cos, sin, n_heads)
+    np.testing.assert_array_equal(fused[:, : n_heads * head_dim], expected)
+    # position 0 is the identity; rotation keeps each (i, i + half) pair's length
+    x0 = rand(rng, 1, n_heads * head_dim)
+    y0 = x0.copy()
+    floatops.rope(y0, np.array([0], np.int32), cos, sin, n_heads)
+    np.testing.assert_array_equal(y0, x0)
+
+
+def test_rope_pairs_i_with_i_plus_half():
+    head_dim = 8
+    cos, sin = ref.rope_tables(4, head_dim, 10000.0)
+    x = np.zeros((1, head_dim), np.float32)
+    x[0, 0] = 1.0  # only dimension 0 set: rotation moves it into dimension 0 + half, nowhere else
+    floatops.rope(x, np.array([1], np.int32), cos, sin, 1)
+    assert x[0, 0] == pytest.approx(np.cos(1.0)) and x[0, 4] == pytest.approx(np.sin(1.0))
+    assert np.count_nonzero(x) == 2
+
+
+def test_rope_rejects_positions_outside_table():
+    cos, sin = ref.rope_tables(4, 8, 10000.0)
+    with pytest.raises(ValueError, match="position"):
+        floatops.rope(np.zeros((1, 8), np.float32), np.array([4], np.int32), cos, sin, 1)
+
+
+def test_gates_match_reference():
+    rng = np.random.default_rng(5)
+    gate_up = rand(rng, 3, 2 * 96, scale=2.0)
+    out = np.empty((3, 96), np.float32)
+    floatops.relu2_gate(gate_up, out)
+    np.testing.assert_array_equal(out, ref.relu2_gate(gate_up))
+    floatops.silu_gate(gate_up, out)
+    np.testing.assert_allclose(out, ref.silu_gate(gate_up), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError):
+        floatops.relu2_gate(gate_up, np.empty((3, 95), np.float32))
+
+
+def make_cache(rng, n_slots=3, ctx=40, n_kv=2, head_dim=16):
+    return rand(rng, n_slots, ctx, n_kv, head_dim), rand(rng, n_slots, ctx, n_kv, head_dim)
+
+
+def test_attention_matches_reference_gqa():
+    rng = np.random.default_rng(6)
+    k_cache, v_cache = make_cache(rng)
+    n_heads = 6  # 3 query heads per KV head
+    q = rand(rng, 5, n_heads * 16, scale=2.0)
+    slots = np.array([0, 2, 2, 1, 0], np.int32)
+    positions = np.array([0, 5, 39, 17, 3], np.int32)
+    out = np.empty_like(q)
+    scratch = np.empty((2, 40), np.float32)
+    floatops.attention(q, k_cache, v_cache, slots, positions, out, scratch)
+    expected = ref.attention(q, k_cache, v_cache, slots, positions)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=2e-6)
+    # position 0 sees only itself: the output is exactly v[0] of the head's KV head
+    np.testing.assert_allclose(out[0].reshape(n_heads, 16)[4], v_cache[0, 0, 1], rtol=1e-6)
+
+
+def test_attention_is_causal_and_batch_invariant():
+    rng = np.random.default_rng(7)
+    k_cache, v_cache = make_cache(rng)
+    q = rand(rng, 4, 4 * 16)
+    slots = np.array([1, 1, 0, 2], np.int32)
+    positions = np.array([10, 11, 3, 30], np.int32)
+    out = np.empty_like(q)
+    scratch = np.empty((2, 40), np.float32)
+    floatops.attention(q, k_cache, v_cache, slots, positions, out, scratch)
+    for r in range(4):
+        alone = np.empty((1, 4 * 16), np.float32)
+        floatops.attention(
+            q[r : r + 1], k_cache, v_cache, slots[r : r + 1], positions[r : r + 1], alone, scratch
+        )
+        np.testing.assert_array_equal(alone[0], out[r])
+    # future positions and other slots do not matter
+    k2, v2 = k_cache.copy(), v_cache.copy()
+    k2[1, 12:] = 99.0
+    v2[1, 12:] = -99.0
+    k2[0] = 5.0
+    again = np.empty((2, 4 * 16), np.float32)
+    floatops.attention(q[:2], k2, v2, slots[:2], positions[:2], again, scratch)
+    np.testing.assert_array_equal(again, out[:2])
+
+
+def test_kv_store_and_bounds():
+    rng = np.random.default_rng(8)
+    k_cache = np.zeros((2, 8, 2, 4), np.float32)
+    v_cache = np.zeros_like(k_cache)
+    kv = rand(rng, 3, 16)  # a fused k|v buffer: k = kv[:, :8], v = kv[:, 8:]
+    slots = np.array([1, 0, 1], np.int32)
+    positions = np.array([0, 7, 3], np.int32)
+    floatops.kv_store(kv[:, :8], kv[:, 8:], k_cache, v_cache, slots, positions)
+    for r in range(3):
+        np.testing.assert_array_equal(k_cache[slots[r], positions[r]].ravel(), kv[r, :8])
+        np.testing.assert_array_equal(v_cache[slots[r], positions[r]].ravel(), kv[r, 8:])
+    assert np.count_nonzero(k_cache) == 3 * 8
+    with pytest.raises(ValueError, match="position"):
+        floatops.kv_store(kv[:1, :8], kv[:1, 8:], k_cache, v_cache, slots[:1], np.array([8], np.int32))
+    with pytest.raises(ValueError, match="slot"):
+        floatops.kv_store(kv[:1, :8], kv[:1, 8:], k_cache, v_cache, np.array([2], np.int32), positions[:1])
+
+
+def test_embed_rows_f16():
+    rng = np.random.default_rng(9)
+    table = rand(rng, 10, 12).astype(np.float16)
+    tokens = np.array([3, 0, 9, 3], np.int32)
+    out = np.empty((4, 12), np.float32)
+    floatops.embed_rows_f16(table.view(np.uint16), tokens, out)
+    np.testing.assert_array_equal(out, table[tokens].astype(np.float32))
+    with pytest.raises(ValueError, match="token"):
+        floatops.embed_rows_f16(table.view(np.uint16), np.array([10], np.int32), out[:1])
+
+
+def test_non_contiguous_rows_are_refused():
+    x = np.zeros((2, 16), np.float32)[:, ::2]
+    with pytest.raises(ValueError, match="contiguous"):
+        floatops.rmsnorm(x, np.ones(8, np.float32), 1e-5, np.empty((2, 8), np.float32))
