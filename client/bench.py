@@ -39,6 +39,7 @@ class BenchConfig:
     temperature: float | None = None
     seed: int = 0
     request_timeout: float = 600.0
+    retries: int = 0  # 0: every failure is counted, not hidden by a retry
     progress_interval: float = 1.0
 
     def __post_init__(self) -> None:
@@ -183,7 +184,7 @@ class BenchRun:
 
     async def run(self) -> dict:
         c = self.config
-        async with AsyncClient(c.target, timeout=c.request_timeout, retries=0) as client:
+        async with AsyncClient(c.target, timeout=c.request_timeout, retries=c.retries) as client:
             info = await client.model_info()
             rng = random.Random(c.seed)
             if c.prompts_file:
