@@ -154,6 +154,9 @@ class _Cursor:
         self.need(size, what)
         (value,) = struct.unpack_from(fmt, self.data, self.pos)
         self.pos += size
+        if vtype == ValueType.FLOAT32:
+            # the shortest decimal that is this float32 (1e-05, not 9.999999747378752e-06): same f32 value
+            return float(str(np.float32(value)))
         return value
 
     def u32(self, what: str) -> int:
