@@ -78,6 +78,20 @@ def _stop_ids(
     return stop, eot
 
 
+def _mark_control(
+    ids: list[int | None], tokens: list[str], token_types: list[int], corrections: list[str]
+) -> None:
+    """BOS, EOS and end-of-turn tokens typed as normal text would never be recognised in a rendered
+    chat prompt nor hidden from output: type them as control tokens."""
+    for token_id in dict.fromkeys(i for i in ids if i is not None):
+        if token_types[token_id] == TOKEN_NORMAL:
+            token_types[token_id] = TOKEN_CONTROL
+            corrections.append(
+                f"special token {tokens[token_id]!r} (id {token_id}) is typed as normal text: "
+                "treated as a control token"
+            )
+
+
 def spec_from_gguf_metadata(meta: Mapping[str, Any]) -> tuple[TokenizerSpec, list[str]]:
     """Build the spec from GGUF key/values (plain Python values); also return the corrections made."""
     model = meta.get("tokenizer.ggml.model")
@@ -127,6 +141,7 @@ def spec_from_gguf_metadata(meta: Mapping[str, Any]) -> tuple[TokenizerSpec, lis
         for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
     ]
     stop_ids, eot = _stop_ids(declared, tokens, corrections, "the file")
+    _mark_control([bos, *stop_ids], tokens, token_types, corrections)
 
     add_bos = meta.get("tokenizer.ggml.add_bos_token")
     if add_bos is None:  # llama.cpp's defaults

@@ -285,19 +285,23 @@ def test_no_corrections_for_a_complete_file(bpe_meta):
     assert spec.stop_ids == [EOS, EOT]
 
 
-def test_missing_pre_elsewhere_falls_back_to_default_split(spm_meta):
+def test_missing_pre_elsewhere_falls_back_to_default_split():
     # A byte-level vocabulary that is not LLaMA-3 and has no `.pre`: llama.cpp's 'default' split.
     meta = {
         "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.tokens": ["a", "b", "ab", "Ġ", "Ġab", "<eos>"],
-        "tokenizer.ggml.token_type": [1, 1, 1, 1, 1, 3],
+        "tokenizer.ggml.token_type": [1, 1, 1, 1, 1, 1],  # EOS typed as text: a defect
         "tokenizer.ggml.merges": ["a b", "Ġ ab"],
         "tokenizer.ggml.eos_token_id": 5,
     }
     spec, corrections = spec_from_gguf_metadata(meta)
     assert spec.pre == "default" and spec.stop_ids == [5] and not spec.add_bos
     assert any("'default'" in c for c in corrections)
-    assert Tokenizer.from_spec(spec).encode("ab ab") == [2, 4]
+    assert spec.token_types[5] == 3 and any("'<eos>' (id 5)" in c for c in corrections)
+    tokenizer = Tokenizer.from_spec(spec)
+    assert tokenizer.encode("ab ab") == [2, 4]
+    assert tokenizer.encode("ab<eos>", parse_special=True) == [2, 5]
+    assert tokenizer.decode([2, 5], skip_special=True) == "ab"
 
 
 def test_unsupported_inputs_are_refused(bpe_meta):
