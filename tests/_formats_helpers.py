@@ -233,6 +233,7 @@ def hf_tokenizer_files(folder: Path) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIALS)
     tok.save(str(folder / "tokenizer.json"))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [EOS, EOT]}))
     (folder / "tokenizer_config.json").write_text(
         json.dumps(
             {
