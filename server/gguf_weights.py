@@ -16,7 +16,6 @@ import numpy as np
 
 from . import ternary_formats as tf
 from .file_errors import ModelFileError
-from .file_tokenizers import tokenizer_from_gguf
 from .gguf_file import (
     REFUSED_TYPE_NAMES,
     TYPE_BF16,
@@ -28,6 +27,7 @@ from .gguf_file import (
     GGUFFile,
     GGUFTensorInfo,
 )
+from .tokenizer import spec_from_gguf_metadata
 from .weights import LAYER_NORMS, TERNARY_PROJECTIONS, ModelConfig, ModelWeights, TernaryTensor
 
 SUPPORTED_ARCHS = ("bitnet", "bitnet-b1.58", "bitnet-25")
@@ -289,7 +289,7 @@ class _GGUFModelReader:
         if unused:
             self.corrections.append(f"ignored {len(unused)} unused tensors: {', '.join(unused[:5])}")
         try:
-            spec, tok_corrections = tokenizer_from_gguf(self.meta)
+            spec, tok_corrections = spec_from_gguf_metadata(self.meta)
         except ValueError as exc:
             raise ModelFileError(f"{self.path}: tokenizer metadata: {exc}") from None
         formats = Counter(t.source_type for t in ternary.values())

@@ -20,9 +20,9 @@ import numpy as np
 
 from . import ternary_formats as tf
 from .file_errors import ModelFileError
-from .file_tokenizers import tokenizer_from_hf_dir
 from .gguf_weights import normalize_activation
 from .safetensors_file import SafetensorsFile
+from .tokenizer import spec_from_hf_dir
 from .weights import ModelConfig, ModelWeights, TernaryTensor
 
 # HF per-layer names -> GGUF names. Two spellings of the sub-norms: 2B4T and the 1bitLLM checkpoints.
@@ -297,7 +297,7 @@ class _HFModelReader:
                 f"ternarised with absmean ({shown})"
             )
         try:
-            spec, tok_corrections = tokenizer_from_hf_dir(self.folder)
+            spec, tok_corrections = spec_from_hf_dir(self.folder)
         except ValueError as exc:
             if isinstance(exc, ModelFileError):
                 raise
