@@ -49,11 +49,25 @@ class QueueFull(Exception):
 
 
 class SequenceDecoder(Protocol):
-    """The engine's per-sequence state: sampler, detokeniser and stop conditions of one request."""
+    """The engine's per-sequence state (`engine.SequenceState`): sampler, detokeniser, stop strings."""
 
+    @property
+    def last_token(self) -> int: ...
+    @property
+    def next_position(self) -> int: ...
     def step(self, logits: np.ndarray) -> Any:
-        """Sample from this sequence's logits row; returns the event for the client (with
-        `finish_reason` set when the sequence is done)."""
+        """Sample from this sequence's logits row; returns the client's event (`finish_reason` set on
+        the last one)."""
+
+
+class BatchModel(Protocol):
+    """What the scheduler needs of `model.Model`: the forward pass and its KV cache slots."""
+
+    kv: Any  # kv_cache.KVCache: alloc() -> slot, free(slot), n_slots
+
+    def forward(
+        self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray, logit_rows: np.ndarray
+    ) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -111,7 +125,7 @@ class Scheduler:
 
     def __init__(
         self,
-        forward: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+        model: BatchModel,
         *,
         max_batch: int,
         max_queue: int,
@@ -121,7 +135,9 @@ class Scheduler:
             raise ValueError(f"need max_batch >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         if step_tokens < max_batch:
             raise ValueError(f"step_tokens ({step_tokens}) must cover one decode row per slot ({max_batch})")
-        self._forward = forward
+        if max_batch > model.kv.n_slots:
+            raise ValueError(f"max_batch {max_batch} exceeds the model's {model.kv.n_slots} KV cache slots")
+        self._model = model
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.step_tokens = step_tokens
@@ -129,7 +145,6 @@ class Scheduler:
         self._work = threading.Condition(self._lock)
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
-        self._free_slots = list(range(max_batch - 1, -1, -1))
         self._running = False
         self._thread: threading.Thread | None = None
         self._step_seconds = 0.05  # moving average, for retry hints
@@ -156,6 +171,7 @@ class Scheduler:
             self._waiting.clear()
             self._active = []
         for seq in leftovers:
+            self._release(seq)
             self._finish(seq, Failed(Abort.UNAVAILABLE), time.monotonic())
 
     def submit(self, sequences: Iterable[Sequence]) -> None:
@@ -222,7 +238,7 @@ class Scheduler:
             return
         slots, tokens, positions, logit_rows, samplers = batch
         started = time.monotonic()
-        logits = self._forward(slots, tokens, positions, logit_rows)
+        logits = self._model.forward(slots, tokens, positions, logit_rows)
         now = time.monotonic()
         self._step_seconds = 0.9 * self._step_seconds + 0.1 * (now - started)
         self.steps += 1
@@ -277,9 +293,9 @@ class Scheduler:
 
     def _admit(self, now: float) -> None:
         with self._lock:
-            while self._waiting and self._free_slots:
+            while self._waiting and len(self._active) < self.max_batch:
                 seq = self._waiting.popleft()
-                seq.slot = self._free_slots.pop()
+                seq.slot = self._model.kv.alloc()
                 seq.admitted_at = now
                 self._active.append(seq)
 
@@ -293,10 +309,9 @@ class Scheduler:
         decoding = [s for s in self._active if s.prefilled == len(s.prompt_ids)]
         prefilling = [s for s in self._active if s.prefilled < len(s.prompt_ids)]
         for seq in decoding:
-            pos = len(seq.prompt_ids) + seq.generated - 1
             slots.append(seq.slot)
             tokens.append(seq.decoder.last_token)
-            positions.append(pos)
+            positions.append(seq.decoder.next_position)
             logit_rows.append(len(tokens) - 1)
             samplers.append(seq)
         budget = self.step_tokens - len(tokens)
@@ -326,7 +341,7 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         if seq.slot is not None:
             with self._lock:
-                self._free_slots.append(seq.slot)
+                self._model.kv.free(seq.slot)
             seq.slot = None
 
     def _finish(self, seq: Sequence, last: Any, now: float) -> None:

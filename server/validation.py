@@ -8,19 +8,16 @@ found by walking the wire format, so the servicer can answer INVALID_ARGUMENT in
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from bitnet_grpc.server.sampling import InvalidParameter, SamplingParams
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 DEFAULT_MAX_TOKENS = 128
-MAX_STOP_STRINGS = 16
-MAX_STOP_BYTES = 256
-MAX_LOGPROBS = 20
 MAX_REQUEST_ID_CHARS = 128
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -124,59 +121,32 @@ class CheckedGenerate:
 
     request_id: str
     prompt_ids: list[int]
-    sampling: dict[str, Any] = field(default_factory=dict)
+    params: SamplingParams
 
 
-def _finite(request: Message, name: str, default: float) -> float:
-    if not request.HasField(name):
-        return default
-    value = float(getattr(request, name))
-    if not math.isfinite(value):
-        raise InvalidField(name, f"must be a finite number, got {value}")
-    return value
-
-
-def check_sampling(request: Message) -> dict[str, Any]:
-    """The sampling fields of a GenerateRequest, range-checked, with the API's defaults filled in."""
-    temperature = _finite(request, "temperature", 1.0)
-    if temperature < 0:
-        raise InvalidField("temperature", f"must be >= 0, got {temperature}")
-    top_p = _finite(request, "top_p", 1.0)
-    if not 0.0 < top_p <= 1.0:
-        raise InvalidField("top_p", f"must be in (0, 1], got {top_p}")
-    min_p = _finite(request, "min_p", 0.0)
-    if not 0.0 <= min_p <= 1.0:
-        raise InvalidField("min_p", f"must be in [0, 1], got {min_p}")
-    repetition_penalty = _finite(request, "repetition_penalty", 1.0)
-    if repetition_penalty <= 0:
-        raise InvalidField("repetition_penalty", f"must be > 0, got {repetition_penalty}")
-    penalties = {}
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = _finite(request, name, 0.0)
-        if not -2.0 <= value <= 2.0:
-            raise InvalidField(name, f"must be in [-2, 2], got {value}")
-        penalties[name] = value
-    if len(request.stop) > MAX_STOP_STRINGS:
-        raise InvalidField("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(request.stop)}")
-    for i, stop in enumerate(request.stop):
-        size = len(stop.encode("utf-8"))
-        if not 1 <= size <= MAX_STOP_BYTES:
-            raise InvalidField(f"stop[{i}]", f"must be 1..{MAX_STOP_BYTES} bytes, got {size}")
-    logprobs = request.logprobs if request.HasField("logprobs") else 0
-    if logprobs > MAX_LOGPROBS:
-        raise InvalidField("logprobs", f"must be in 0..{MAX_LOGPROBS}, got {logprobs}")
-    return {
-        "temperature": temperature,
-        "top_k": int(request.top_k) if request.HasField("top_k") else 0,
-        "top_p": top_p,
-        "min_p": min_p,
-        "repetition_penalty": repetition_penalty,
-        **penalties,
-        "seed": int(request.seed) if request.HasField("seed") else None,
-        "stop": list(request.stop),
-        "ignore_eos": bool(request.ignore_eos),
-        "logprobs": int(logprobs),
+def check_sampling(request: Message) -> SamplingParams:
+    """The sampling fields of a GenerateRequest with the API's defaults, range-checked by the engine's
+    own `SamplingParams.validate` (so the API and the engine can never disagree on a range)."""
+    optional = {
+        name: getattr(request, name)
+        for name in (
+            "temperature",
+            "top_k",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+            "seed",
+            "logprobs",
+        )
+        if request.HasField(name)
     }
+    params = SamplingParams(stop=list(request.stop), ignore_eos=bool(request.ignore_eos), **optional)
+    try:
+        return params.validate()
+    except InvalidParameter as error:
+        raise InvalidField(error.field, error.reason) from None
 
 
 def check_request_id(request_id: str) -> str:
@@ -263,5 +233,5 @@ def check_generate(
         prompt_ids = encode_chat(check_messages(request, limits.has_chat_template))
     else:
         prompt_ids = check_token_ids("prompt_token_ids", request.prompt_token_ids, limits.vocab_size)
-    sampling["max_tokens"] = check_lengths(request, source, len(prompt_ids), limits.context_size)
-    return CheckedGenerate(request_id=request_id, prompt_ids=prompt_ids, sampling=sampling)
+    sampling.max_tokens = check_lengths(request, source, len(prompt_ids), limits.context_size)
+    return CheckedGenerate(request_id=request_id, prompt_ids=prompt_ids, params=sampling)
