@@ -69,7 +69,6 @@ class Scratch:
 
     def __init__(self, cfg: ModelConfig, rows: int, ctx_size: int, threads: int) -> None:
         f32 = np.float32
-        width = max(cfg.d_model, cfg.d_ff)
         self.rows = rows
         self.x = np.empty((rows, cfg.d_model), f32)  # the residual stream
         self.h = np.empty((rows, cfg.d_model), f32)  # normed input of a projection
@@ -78,9 +77,6 @@ class Scratch:
         self.proj = np.empty((rows, cfg.d_model), f32)  # o and down projection outputs
         self.gate_up = np.empty((rows, 2 * cfg.d_ff), f32)
         self.mlp = np.empty((rows, cfg.d_ff), f32)
-        self.xq = np.empty((rows, ternary.padded_k(width)), np.int8)
-        self.x_scale = np.empty(rows, f32)
-        self.x_sum = np.empty(rows, np.int32)
         self.scores = np.empty((max(1, threads), ctx_size), f32)  # attention scores, one row per thread
 
 
@@ -150,7 +146,8 @@ class Model:
             )
         return self._scratch
 
-    def _bitlinear(self, x: np.ndarray, lin: PackedLinear, out: np.ndarray, s: Scratch) -> None:
+    @staticmethod
+    def _bitlinear(x: np.ndarray, lin: PackedLinear, out: np.ndarray) -> None:
         """out = BitLinear(x): per-row int8 absmax quantisation, exact int32 dot, scaled back."""
         xq, x_scale, x_sum = ternary.quantize_rows(x)
         ternary.ternary_matmul(xq, x_scale, x_sum, lin.packed, lin.scale, out)
@@ -208,25 +205,25 @@ class Model:
         if self.embedding_is_f16:
             floatops.embed_rows_f16(self.embedding, tokens, x)
         else:
-            np.take(self.embedding, tokens, axis=0, out=x)
+            np.take(self.embedding, tokens, axis=0, out=x, mode="clip")  # ids checked above
 
         for i, layer in enumerate(self.layers):
             # attention block
             floatops.rmsnorm(x, layer.attn_norm, self.eps, h)
-            self._bitlinear(h, layer.qkv, qkv, s)
+            self._bitlinear(h, layer.qkv, qkv)
             floatops.rope(q, positions, self.cos, self.sin, cfg.n_heads)
             floatops.rope(k, positions, self.cos, self.sin, cfg.n_kv_heads)
             floatops.kv_store(k, v, self.kv.keys[i], self.kv.values[i], slots, positions)
             floatops.attention(q, self.kv.keys[i], self.kv.values[i], slots, positions, attn, s.scores)
             floatops.rmsnorm(attn, layer.attn_sub_norm, self.eps, attn)
-            self._bitlinear(attn, layer.attn_output, proj, s)
+            self._bitlinear(attn, layer.attn_output, proj)
             np.add(x, proj, out=x)
             # feed-forward block
             floatops.rmsnorm(x, layer.ffn_norm, self.eps, h)
-            self._bitlinear(h, layer.gate_up, gate_up, s)
+            self._bitlinear(h, layer.gate_up, gate_up)
             self.gate(gate_up, mlp)
             floatops.rmsnorm(mlp, layer.ffn_sub_norm, self.eps, mlp)
-            self._bitlinear(mlp, layer.ffn_down, proj, s)
+            self._bitlinear(mlp, layer.ffn_down, proj)
             np.add(x, proj, out=x)
 
         n_logits = logit_rows.shape[0]
@@ -235,7 +232,7 @@ class Model:
         elif out.shape != (n_logits, cfg.vocab_size) or out.dtype != np.float32:
             raise ValueError(f"out must be float32 {(n_logits, cfg.vocab_size)}, got {out.dtype} {out.shape}")
         final = s.h[:n_logits]
-        np.take(x, logit_rows, axis=0, out=final)
+        np.take(x, logit_rows, axis=0, out=final, mode="clip")
         floatops.rmsnorm(final, self.output_norm, self.eps, final)
         if self.output_is_f16:
             floatops.matmul_rows_f16(final, self.output, out)
