@@ -137,6 +137,7 @@ class _Cursor:
 
     def __init__(self, data: np.ndarray, path: str) -> None:
         self.data = data
+        self.view = memoryview(data)  # cheap slices for the many short strings of a vocabulary
         self.size = int(data.shape[0])
         self.pos = 0
         self.path = path
@@ -168,10 +169,10 @@ class _Cursor:
     def string(self, what: str) -> str:
         length = self.u64(f"length of {what}")
         self.need(length, what)
-        raw = bytes(self.data[self.pos : self.pos + length])
+        raw = self.view[self.pos : self.pos + length]
         self.pos += length
         # surrogateescape keeps odd bytes (some vocabularies have them) and round-trips through our writer
-        return raw.decode("utf-8", errors="surrogateescape")
+        return str(raw, "utf-8", "surrogateescape")
 
     def value(self, vtype: int, what: str) -> Any:
         try:
@@ -199,7 +200,28 @@ class _Cursor:
             return items.tolist()
         # Strings take at least 8 bytes each: refuse absurd counts before looping over them.
         self.need(count * 8, f"{count} items of {what}")
+        if vt == ValueType.STRING:
+            return self.strings(count, what)
         return [self.value(vt, f"{what}[{i}]") for i in range(count)]
+
+    def strings(self, count: int, what: str) -> list[str]:
+        """A string array in one tight loop: vocabularies hold hundreds of thousands of them."""
+        view, size, pos = self.view, self.size, self.pos
+        unpack_length = struct.Struct("<Q").unpack_from
+        out = []
+        for i in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8, f"length of {what}[{i}]")
+            (length,) = unpack_length(view, pos)
+            pos += 8
+            if pos + length > size:
+                self.pos = pos
+                self.need(length, f"{what}[{i}]")
+            out.append(str(view[pos : pos + length], "utf-8", "surrogateescape"))
+            pos += length
+        self.pos = pos
+        return out
 
 
 class GGUFFile:
