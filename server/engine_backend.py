@@ -74,11 +74,11 @@ class EngineBackend:
         ids = self.tokenizer.encode(text, add_bos=None if add_special_tokens else False)
         return ids, [self.tokenizer.token_text(t) for t in ids]
 
-    def detokenize(self, token_ids: list[int]) -> str:
+    def detokenize(self, token_ids: list[int], skip_special_tokens: bool) -> str:
         if token_ids and max(token_ids) >= self.tokenizer.vocab_size:
             i = next(i for i, t in enumerate(token_ids) if t >= self.tokenizer.vocab_size)
             raise InvalidField(f"token_ids[{i}]", f"no token {token_ids[i]} in the tokenizer's vocabulary")
-        return self.tokenizer.decode(token_ids)
+        return self.tokenizer.decode(token_ids, skip_special=skip_special_tokens)
 
     def token_text(self, token_id: int) -> str:
         if token_id >= self.tokenizer.vocab_size:  # padding rows of the embedding have no text

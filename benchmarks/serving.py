@@ -1,0 +1,119 @@
+"""Serving throughput: aggregate generated tokens/s at concurrency 1, 4 and 16 against one server.
+
+Continuous batching should make 16 concurrent streams cost little more per step than one (the weights
+are read once per step for every sequence), so the 16-vs-1 ratio of aggregate tokens/s is the number
+to watch (target: >= 5x on the built-in model).
+
+    python benchmarks/serving.py                       # starts its own server on the built-in model
+    python benchmarks/serving.py --target 127.0.0.1:50051   # or measures a running one
+
+It starts `bitnet-grpc serve` as a subprocess (so client and server do not share a GIL) unless --target
+is given, and drives it with the client package's load generator (closed loop, fixed output length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+from bitnet_grpc.client.bench import BenchConfig, run_bench
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(target: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise SystemExit(f"server at {target} did not become SERVING within {timeout}s")
+
+
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "bitnet_grpc.server.cli", "serve", "--port", str(port), "--metrics-port", "-1",
+        "--max-batch", str(max(args.concurrency)), "--log-level", "WARNING",
+    ]  # fmt: skip
+    if args.model:
+        cmd += ["--model", args.model]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.Popen(cmd)
+    target = f"127.0.0.1:{port}"
+    wait_serving(target, timeout=300)
+    return proc, target
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", help="a running server (default: start one)")
+    p.add_argument("--model", help="model for the server this script starts (default: built-in)")
+    p.add_argument("--threads", type=int, help="kernel threads of the server this script starts")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--requests-per-stream", type=int, default=4, help="requests = this x concurrency")
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--json", help="write all reports to this file")
+    args = p.parse_args(argv)
+
+    proc = None
+    target = args.target
+    if target is None:
+        proc, target = start_server(args)
+    reports = {}
+    try:
+        # Warm-up: first calls pay for lazy initialisation on both sides.
+        run_bench(
+            BenchConfig(target, concurrency=1, requests=2, input_len=8, output_len=8), progress_stream=None
+        )
+        for c in args.concurrency:
+            config = BenchConfig(
+                target,
+                concurrency=c,
+                requests=c * args.requests_per_stream,
+                input_len=args.input_len,
+                output_len=args.output_len,
+            )
+            report = run_bench(config, progress_stream=None)
+            reports[c] = report
+            print(
+                f"concurrency {c:>3}: {report['output_tokens_per_s']:8.1f} tok/s aggregate, "
+                f"TTFT p50 {report['ttft_ms']['p50']:7.1f} ms, ITL p50 {report['itl_ms']['p50']:6.1f} ms, "
+                f"{report['requests_completed']} ok / {report['requests_failed']} failed",
+                flush=True,
+            )
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
+    lo, hi = min(reports), max(reports)
+    ratio = reports[hi]["output_tokens_per_s"] / max(reports[lo]["output_tokens_per_s"], 1e-9)
+    print(
+        f"aggregate tokens/s, concurrency {hi} vs {lo}: {ratio:.2f}x (target >= 5x); cores: {os.cpu_count()}"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"reports": reports, "ratio": ratio}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
