@@ -310,6 +310,9 @@ class GGUFFile:
                 raise ModelFileError(f"{self.path}: tensor {name}: bad shape {list(shape)}: {exc}") from None
             nbytes = None  # unknown or refused type: reported when someone reads the tensor
         start = self.data_offset + offset
+        if nbytes is not None and type_id == TYPE_I2_S and start + nbytes > self.file_size:
+            # Only the codes and the f32 scale are read; a last tensor may lack the trailing padding.
+            nbytes = max(nbytes - (I2_S_TRAILER - 4), self.file_size - start)
         if nbytes is not None and start + nbytes > self.file_size:
             raise ModelFileError(
                 f"{self.path}: tensor {name}: data ends at byte {start + nbytes}, past the end of the file "

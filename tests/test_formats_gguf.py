@@ -256,3 +256,18 @@ def test_refuses_unknown_architecture(tmp_path: Path) -> None:
     path = h.write_gguf_with_package(tmp_path / "m.gguf", recipe)
     with pytest.raises(ModelFileError, match="architecture 'llama' is not supported"):
         load_weights(path)
+
+
+def test_last_i2s_tensor_may_lack_its_padding_but_not_its_scale(tmp_path: Path) -> None:
+    weights = h.random_weights(seed=15)
+    path = tmp_path / "m.gguf"
+    write_gguf(weights, path, "i2_s")  # blk.1.ffn_down.weight is last: codes, f32 scale, 28 bytes of padding
+    data = path.read_bytes()
+    path.write_bytes(data[:-28])
+    loaded = load_weights(path)
+    assert loaded.ternary["blk.1.ffn_down.weight"].scale == weights.ternary["blk.1.ffn_down.weight"].scale
+    path.write_bytes(data[:-29])
+    with pytest.raises(
+        ModelFileError, match=r"tensor blk\.1\.ffn_down\.weight: data ends at .* past the end"
+    ):
+        load_weights(path)
