@@ -25,7 +25,16 @@ def _assert_same_floats(loaded, weights, embed_dtype=np.float32) -> None:
 # ---------------------------------------------------------------------------- files from the gguf package
 
 
-@pytest.mark.parametrize("proj_type", ["TQ2_0", "TQ1_0", "F16", "F32"])
+def _stored_scale(scale: float, proj_type: str) -> float:
+    """The scale a file of `proj_type` can hold: f16 block scales, bf16 or f32 values."""
+    if proj_type == "F32":
+        return scale
+    if proj_type == "BF16":
+        return float(gguf.quants.dequantize(gguf.quants.quantize(np.float32([scale]), Q.BF16), Q.BF16)[0])
+    return float(np.float16(scale))
+
+
+@pytest.mark.parametrize("proj_type", ["TQ2_0", "TQ1_0", "F16", "BF16", "F32"])
 def test_reads_gguf_package_files_exactly(tmp_path: Path, proj_type: str) -> None:
     weights = h.random_weights(seed=1)
     path = h.write_gguf_with_package(tmp_path / "m.gguf", h.GGUFRecipe(weights, proj_type=proj_type))
@@ -35,12 +44,21 @@ def test_reads_gguf_package_files_exactly(tmp_path: Path, proj_type: str) -> Non
     for name, t in weights.ternary.items():
         got = loaded.ternary[name]
         np.testing.assert_array_equal(got.codes, t.codes, err_msg=name)
-        exact = t.scale if proj_type == "F32" else float(np.float16(t.scale))
-        assert got.scale == exact, name
+        assert got.scale == _stored_scale(t.scale, proj_type), name
     _assert_same_floats(loaded, weights)
     assert loaded.tokenizer.tokens == weights.tokenizer.tokens
     assert h.EOT in loaded.tokenizer.stop_ids and loaded.tokenizer.bos_id == h.BOS
     assert not any("absmean" in c or "activation" in c for c in loaded.corrections)
+
+
+def test_float_tensors_in_other_ggml_types_are_dequantised(tmp_path: Path) -> None:
+    weights = h.random_weights(seed=16)
+    embd = gguf.quants.quantize(weights.float_tensors["token_embd.weight"], Q.Q8_0)
+    recipe = h.GGUFRecipe(weights, replace={"token_embd.weight": (embd, Q.Q8_0)})
+    loaded = load_weights(h.write_gguf_with_package(tmp_path / "m.gguf", recipe))
+    np.testing.assert_array_equal(
+        loaded.float_tensors["token_embd.weight"], gguf.quants.dequantize(embd, Q.Q8_0)
+    )
 
 
 def test_tq_decoding_in_a_file_equals_gguf_dequantize(tmp_path: Path) -> None:
