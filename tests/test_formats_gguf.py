@@ -9,9 +9,10 @@ import _formats_helpers as h
 import gguf
 import numpy as np
 import pytest
+from bitnet_grpc.server.convert import convert_main
 from bitnet_grpc.server.file_errors import ModelFileError
-from bitnet_grpc.server.gguf_export import write_gguf
-from bitnet_grpc.server.gguf_file import GGUFFile, read_metadata
+from bitnet_grpc.server.gguf_export import GGUFContainerWriter, write_gguf
+from bitnet_grpc.server.gguf_file import GGUFFile, ValueType, read_metadata
 from bitnet_grpc.server.loader import load_weights
 from gguf import GGMLQuantizationType as Q
 
@@ -289,3 +290,49 @@ def test_last_i2s_tensor_may_lack_its_padding_but_not_its_scale(tmp_path: Path) 
         ModelFileError, match=r"tensor blk\.1\.ffn_down\.weight: data ends at .* past the end"
     ):
         load_weights(path)
+
+
+def _rewrite_without(src: Path, dst: Path, drop: set[str], replace: dict | None = None) -> Path:
+    """Copy a GGUF file key by key and tensor by tensor, leaving keys out (files made like the official
+    2B4T one, which lacks several keys)."""
+    f = GGUFFile(src)
+    out = GGUFContainerWriter()
+    for key, value in f.metadata.items():
+        if key in drop:
+            continue
+        value = (replace or {}).get(key, value)
+        vtype = ValueType(f.value_types[key])
+        out.add(key, value, None if vtype == ValueType.ARRAY else vtype)
+    for name, info in f.tensors.items():
+        out.add_tensor(name, info.shape, info.type_id, lambda name=name: np.array(f.tensor_bytes(name)))
+    out.write(dst)
+    return dst
+
+
+def test_official_style_file_gets_its_corrections_and_convert_writes_them(tmp_path: Path, capsys) -> None:
+    weights = h.random_weights(seed=17)
+    write_gguf(weights, tmp_path / "full.gguf", "i2_s")
+    drop = {"bitnet-b1.58.hidden_activation", "tokenizer.ggml.pre", "tokenizer.ggml.eot_token_id"}
+    official = _rewrite_without(
+        tmp_path / "full.gguf",
+        tmp_path / "official.gguf",
+        drop,
+        {"tokenizer.chat_template": "{{ messages }}"},
+    )
+    loaded = load_weights(official)
+    assert loaded.config.activation == "relu2"
+    assert loaded.tokenizer.pre == "llama-bpe" and h.EOT in loaded.tokenizer.stop_ids
+    text = "\n".join(loaded.corrections)
+    assert "activation: no bitnet-b1.58.hidden_activation key; using relu2" in text
+    assert "tokenizer.ggml.pre is missing" in text and "<|eot_id|>" in text
+    for name, t in weights.ternary.items():
+        np.testing.assert_array_equal(loaded.ternary[name].codes, t.codes)
+
+    assert convert_main([str(official), str(tmp_path / "fixed.gguf"), "--type", "tq2_0"]) == 0
+    assert "loader: activation" in capsys.readouterr().out
+    meta = read_metadata(tmp_path / "fixed.gguf")
+    assert meta["bitnet-b1.58.hidden_activation"] == "relu2" and meta["tokenizer.ggml.pre"] == "llama-bpe"
+    assert meta["tokenizer.ggml.eot_token_id"] == h.EOT
+    assert meta["tokenizer.chat_template"] == loaded.tokenizer.chat_template
+    fixed = load_weights(tmp_path / "fixed.gguf")
+    assert not fixed.corrections
