@@ -107,3 +107,93 @@ def attention(
                 dtype=np.float64
             )
     return out.reshape(rows, -1)
+
+
+# ======================================================================================================
+# ternary kernels (bitnet_grpc.cyext.ternary) - owner: kernels
+#
+# Same names and arguments as the kernels (functions that fill `out` return a new array instead). Every
+# result matches the compiled kernels bit for bit: integer work is exact, and the float steps are the
+# same IEEE operations in the same order.
+# ======================================================================================================
+
+BLOCK = 256  # weights per packed block (64 bytes)
+
+
+def padded_k(k: int) -> int:
+    """K rounded up to whole 256-weight blocks."""
+    return (k + BLOCK - 1) // BLOCK * BLOCK
+
+
+def ternarize(w: np.ndarray) -> tuple[np.ndarray, float]:
+    """Absmean: scale = float32(max(mean|W|, 1e-5)), codes = clip(rint(W / scale), -1, 1).
+
+    mean|W| in float64, each row summed left to right (cumsum is sequential), then the row sums left to
+    right: the kernel's fixed order, so the scale matches bit for bit.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    abs64 = np.abs(w).astype(np.float64)
+    row_sums = np.cumsum(abs64, axis=1)[:, -1]
+    total = float(np.cumsum(row_sums)[-1])
+    mean = total / float(w.size)
+    scale = np.float32(max(mean, 1e-5))
+    codes = np.clip(np.rint(w / scale), -1, 1).astype(np.int8)
+    return codes, float(scale)
+
+
+def pack_ternary(codes: np.ndarray) -> np.ndarray:
+    """codes [N, K] in {-1, 0, 1} -> uint8 [N, padded_k(K) // 4]: byte j of each 64-byte block holds
+    block elements j + 64*l as c = w + 1 in bits 2l..2l+1; padding has code 1 (weight 0)."""
+    n, k = codes.shape
+    kp = padded_k(k)
+    c = np.ones((n, kp), dtype=np.uint8)
+    c[:, :k] = codes.astype(np.int16) + 1
+    c = c.reshape(n, kp // BLOCK, 4, 64)  # [row, block, l, j]
+    packed = c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)
+    return packed.reshape(n, kp // 4).astype(np.uint8)
+
+
+def unpack_ternary(packed: np.ndarray, k: int) -> np.ndarray:
+    """Inverse of pack_ternary."""
+    n, nbytes = packed.shape
+    p = packed.reshape(n, nbytes // 64, 1, 64)
+    shifts = (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)
+    c = (p >> shifts) & 3  # [row, block, l, j] -> element 256*block + 64*l + j
+    return (c.reshape(n, nbytes * 4)[:, :k].astype(np.int8) - 1).astype(np.int8)
+
+
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Absmax int8 per row: x_scale = 127 / max(max|x|, 1e-5) in float32, xq = clip(rint(x * x_scale),
+    -128, 127) (round half to even), zero padded to padded_k(K); x_sum = xq summed over the row."""
+    x = np.asarray(x, dtype=np.float32)
+    m, k = x.shape
+    amax = np.abs(x).max(axis=1) if k else np.zeros(m, dtype=np.float32)
+    x_scale = (np.float32(127) / np.maximum(amax, np.float32(1e-5))).astype(np.float32)
+    q = np.clip(np.rint(x * x_scale[:, None]), -128, 127).astype(np.int8)
+    xq = np.zeros((m, padded_k(k)), dtype=np.int8)
+    xq[:, :k] = q
+    return xq, x_scale, xq.sum(axis=1, dtype=np.int32)
+
+
+def ternary_matmul(
+    xq: np.ndarray,
+    x_scale: np.ndarray,
+    x_sum: np.ndarray,
+    packed: np.ndarray,
+    w_scale: np.ndarray,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """((float32)(xq . w) / x_scale) * w_scale, the dot product with the ternary weights themselves
+    (not the code/x_sum identity the kernels use), in exact int64 then cast (it fits int32)."""
+    w = unpack_ternary(packed, packed.shape[1] * 4).astype(np.int64)
+    acc = xq.astype(np.int64) @ w.T
+    assert np.abs(acc).max(initial=0) < 2**31
+    acc32 = acc.astype(np.int32).astype(np.float32)
+    result = (acc32 / x_scale.astype(np.float32)[:, None]) * w_scale.astype(np.float32)[None, :]
+    return result.astype(np.float32)
+
+
+def bitlinear(x: np.ndarray, packed: np.ndarray, w_scale: np.ndarray) -> np.ndarray:
+    """quantize_rows then ternary_matmul."""
+    xq, x_scale, x_sum = quantize_rows(x)
+    return ternary_matmul(xq, x_scale, x_sum, packed, w_scale)

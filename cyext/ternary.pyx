@@ -1,0 +1,336 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Ternary BitLinear kernels: absmean ternarisation, 2-bit packing, int8 activation quantisation and the
+ternary matmul, all releasing the GIL. Plain numpy references: `bitnet_grpc.cyext.reference`.
+
+Packed layout (what `pack_ternary` writes and every matmul path reads)
+    A weight w in {-1, 0, +1} is stored as the code c = w + 1 in {0, 1, 2}, 2 bits. Each row of K weights
+    is padded to Kp = padded_k(K) (a multiple of BLOCK = 256) with code 1 (weight 0) and cut into blocks
+    of 256 weights = 64 bytes. Byte j (0..63) of a block holds the elements j + 64*l of that block in
+    bits 2l..2l+1, l = 0..3. So one 64-byte load and a shift/mask gives four vectors of 64 consecutive
+    codes, which line up with four consecutive 64-byte slices of the activation row. packed has shape
+    [N, Kp // 4], uint8, rows contiguous.
+
+Activation quantisation (per row, absmax)
+    x_scale = 127 / max(max|x|, 1e-5), computed in float32; xq = clip(round(x * x_scale), -128, 127)
+    with round half to even (the IEEE default, like numpy.rint: 0.5 -> 0, 1.5 -> 2, -2.5 -> -2); the
+    row is zero padded to Kp and x_sum = sum(xq). Rows holding NaN or infinity are refused.
+
+Ternarisation (per tensor, absmean)
+    scale = float32(max(mean|W|, 1e-5)); codes = clip(round-half-even(W / scale), -1, 1) in float32.
+    mean|W| is summed in float64 in a fixed order (each row left to right, then the row sums left to
+    right) so the numpy reference reproduces the scale bit for bit.
+
+Matmul
+    out[m, n] = ((float)acc[m, n] / x_scale[m]) * w_scale[n] with acc = sum_k xq[m, k] * w[n, k], exact:
+    the kernels compute sum_k c[n, k] * xq[m, k] in int32 (u8 x s8 multiply-adds, so vpdpbusd/maddubs
+    apply) and subtract x_sum[m]. No int16 sum can wrap (see ternary_x86.c), K is limited to 2^22 so
+    int32 cannot overflow, and the float scaling is the same two IEEE operations in every path (the
+    extension is built with -ffp-contract=off), so all paths agree bit for bit, and row m never
+    depends on the other rows (batch invariance). w_scale is per output row so fused projections
+    (q|k|v, gate|up) can run as one call.
+
+Paths and threads
+    "portable" C always; "avx2", "avx512bw" and "avx512vnni" when the CPU has them (run-time check; one
+    build runs on any x86-64). The best one is used unless BITNET_GRPC_KERNEL or set_kernel_path()
+    names another. Output rows are split between OpenMP threads in contiguous ranges;
+    set_num_threads() sets how many (default os.cpu_count()). Calls from several Python threads at
+    once are safe: the kernels keep no shared mutable state.
+"""
+
+import os
+
+import numpy as np
+
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
+
+
+cdef extern from "ternary_kernels.h" nogil:
+    int TQ_N_PATHS
+
+    ctypedef struct tq_gemm_args:
+        const int8_t *xq
+        int64_t x_stride
+        const float *x_scale
+        const int32_t *x_sum
+        const uint8_t *w
+        int64_t w_stride
+        const float *w_scale
+        float *out
+        int64_t out_stride
+        int64_t M
+        int64_t N
+        int64_t n_blocks
+
+    int tq_path_available(int path)
+    const char *tq_path_name(int path)
+    int tq_best_path()
+    void tq_gemm(const tq_gemm_args *a, int path, int n_threads)
+    int64_t tq_quantize_rows(const float *x, int64_t x_stride, int64_t M, int64_t K, int64_t Kp,
+                             int8_t *xq, int64_t xq_stride, float *x_scale, int32_t *x_sum, int n_threads)
+    int64_t tq_pack(const int8_t *codes, int64_t N, int64_t K, int64_t Kp, uint8_t *packed, int n_threads)
+    int64_t tq_unpack(const uint8_t *packed, int64_t N, int64_t K, int64_t Kp, int8_t *codes,
+                      int n_threads)
+    int64_t tq_ternarize(const float *w, int64_t N, int64_t K, int8_t *codes, float *scale,
+                         double *row_sums, int n_threads)
+
+
+BLOCK = 256
+MAX_K = 1 << 22  # int32 accumulators cannot overflow below this (see module docstring)
+
+cdef int _num_threads = max(1, os.cpu_count() or 1)
+cdef int _path = 0
+
+
+def padded_k(k: int) -> int:
+    """K rounded up to a whole number of 256-weight blocks: the packed and quantised row length."""
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    return (k + BLOCK - 1) // BLOCK * BLOCK
+
+
+# ------------------------------------------------------------------------------------ configuration
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by every kernel call from now on (the server's --threads)."""
+    global _num_threads
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"number of threads must be >= 1, got {n}")
+    _num_threads = n
+
+
+def get_num_threads() -> int:
+    return _num_threads
+
+
+def kernel_paths() -> list[str]:
+    """Names of the matmul implementations this CPU can run, slowest first."""
+    return [tq_path_name(p).decode() for p in range(TQ_N_PATHS) if tq_path_available(p)]
+
+
+def get_kernel_path() -> str:
+    return tq_path_name(_path).decode()
+
+
+def set_kernel_path(name: str) -> None:
+    """Force one matmul implementation ("auto" = the best available), e.g. to compare them in tests."""
+    global _path
+    if name == "auto":
+        _path = tq_best_path()
+        return
+    for p in range(TQ_N_PATHS):
+        if tq_path_name(p).decode() == name:
+            if not tq_path_available(p):
+                raise ValueError(f"kernel path {name!r} is not supported by this CPU; available: {kernel_paths()}")
+            _path = p
+            return
+    known = [tq_path_name(p).decode() for p in range(TQ_N_PATHS)]
+    raise ValueError(f"unknown kernel path {name!r}; known: {known + ['auto']}, available: {kernel_paths()}")
+
+
+set_kernel_path(os.environ.get("BITNET_GRPC_KERNEL") or "auto")
+
+
+# --------------------------------------------------------------------------------------- validation
+
+
+def _check(name: str, a, dtype, ndim: int):
+    """Return `a` as an ndarray after checking type, dtype and rank, so errors name the argument."""
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {np.dtype(dtype).name}, got {a.dtype.name}")
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    return a
+
+
+def _check_rows(name: str, a) -> None:
+    """Kernels walk rows with a stride but need each row's elements contiguous."""
+    if a.size == 0:
+        return
+    if a.shape[1] > 1 and a.strides[1] != a.itemsize:
+        raise ValueError(f"{name} rows must be contiguous (inner stride {a.itemsize}), got strides {a.strides}")
+    if a.shape[0] > 1 and a.strides[0] % a.itemsize:
+        raise ValueError(f"{name} row stride {a.strides[0]} is not a multiple of its item size")
+
+
+def _check_vector(name: str, a, dtype, length: int):
+    a = _check(name, a, dtype, 1)
+    if a.shape[0] != length:
+        raise ValueError(f"{name} must have length {length}, got {a.shape[0]}")
+    return np.ascontiguousarray(a)
+
+
+# ---------------------------------------------------------------------------------------- kernels
+
+
+def ternarize(w) -> tuple[np.ndarray, float]:
+    """Absmean ternarisation of float32 weights [N, K] -> (int8 codes in {-1, 0, 1}, scale)."""
+    w = np.ascontiguousarray(_check("w", w, np.float32, 2))
+    cdef int64_t N = w.shape[0], K = w.shape[1]
+    if N * K == 0:
+        raise ValueError(f"w is empty (shape {w.shape})")
+    codes = np.empty((N, K), dtype=np.int8)
+    row_sums = np.empty(N, dtype=np.float64)
+    cdef const float[:, ::1] wv = w
+    cdef int8_t[:, ::1] cv = codes
+    cdef double[::1] rs = row_sums
+    cdef float scale = 0
+    cdef int64_t bad
+    cdef int nt = _num_threads
+    with nogil:
+        bad = tq_ternarize(&wv[0, 0], N, K, &cv[0, 0], &scale, &rs[0], nt)
+    if bad >= 0:
+        raise ValueError(f"w[{bad // K}, {bad % K}] is {w[bad // K, bad % K]}: weights must be finite")
+    return codes, float(scale)
+
+
+def pack_ternary(codes) -> np.ndarray:
+    """int8 codes [N, K] in {-1, 0, 1} -> packed uint8 [N, padded_k(K) // 4] (layout: module doc)."""
+    codes = np.ascontiguousarray(_check("codes", codes, np.int8, 2))
+    cdef int64_t N = codes.shape[0], K = codes.shape[1]
+    cdef int64_t Kp = padded_k(K)
+    if Kp > MAX_K:
+        raise ValueError(f"K = {K} exceeds the supported maximum {MAX_K}")
+    packed = np.empty((N, Kp // 4), dtype=np.uint8)
+    if N == 0 or Kp == 0:
+        return packed
+    cdef const int8_t[:, ::1] cv = codes
+    cdef uint8_t[:, ::1] pv = packed
+    cdef int64_t bad
+    cdef int nt = _num_threads
+    with nogil:
+        bad = tq_pack(&cv[0, 0], N, K, Kp, &pv[0, 0], nt)
+    if bad >= 0:
+        raise ValueError(f"codes[{bad // K}, {bad % K}] = {codes[bad // K, bad % K]} is not in {{-1, 0, 1}}")
+    return packed
+
+
+def unpack_ternary(packed, k: int) -> np.ndarray:
+    """Inverse of pack_ternary: packed uint8 [N, padded_k(k) // 4] -> int8 codes [N, k]."""
+    packed = np.ascontiguousarray(_check("packed", packed, np.uint8, 2))
+    cdef int64_t N = packed.shape[0], K = k
+    cdef int64_t Kp = packed.shape[1] * 4
+    if padded_k(k) != Kp:
+        raise ValueError(f"packed rows hold {Kp} weights but k = {k} needs {padded_k(k)}")
+    codes = np.empty((N, K), dtype=np.int8)
+    if N == 0 or K == 0:
+        return codes
+    cdef const uint8_t[:, ::1] pv = packed
+    cdef int8_t[:, ::1] cv = codes
+    cdef int64_t bad
+    cdef int nt = _num_threads
+    with nogil:
+        bad = tq_unpack(&pv[0, 0], N, K, Kp, &cv[0, 0], nt)
+    if bad >= 0:
+        raise ValueError(f"packed[{bad // (Kp // 4)}, {bad % (Kp // 4)}] holds the invalid code 3")
+    return codes
+
+
+def quantize_rows(x) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 activations [M, K] -> (xq int8 [M, padded_k(K)], x_scale float32 [M], x_sum int32 [M])."""
+    _check("x", x, np.float32, 2)
+    _check_rows("x", x)
+    cdef int64_t M = x.shape[0], K = x.shape[1]
+    cdef int64_t Kp = padded_k(K)
+    xq = np.empty((M, Kp), dtype=np.int8)
+    x_scale = np.empty(M, dtype=np.float32)
+    x_sum = np.empty(M, dtype=np.int32)
+    if K == 0:  # nothing to scale: the floor applies, as for a row of zeros
+        x_scale.fill(np.float32(127) / np.float32(1e-5))
+        x_sum.fill(0)
+        return xq, x_scale, x_sum
+    if M > 0:
+        _quantize_into(x, xq, x_scale, x_sum)
+    return xq, x_scale, x_sum
+
+
+cdef _quantize_into(x, xq, x_scale, x_sum):
+    cdef int64_t M = x.shape[0], K = x.shape[1], Kp = xq.shape[1]
+    cdef const float[:, :] xv = x
+    cdef int8_t[:, ::1] qv = xq
+    cdef float[::1] sv = x_scale
+    cdef int32_t[::1] tv = x_sum
+    cdef int64_t x_stride = xv.strides[0] // 4
+    cdef int64_t bad
+    cdef int nt = _num_threads
+    with nogil:
+        bad = tq_quantize_rows(&xv[0, 0], x_stride, M, K, Kp, &qv[0, 0], Kp, &sv[0], &tv[0], nt)
+    if bad >= 0:
+        raise ValueError(f"x row {bad} contains NaN or infinity")
+
+
+def ternary_matmul(xq, x_scale, x_sum, packed, w_scale, out) -> np.ndarray:
+    """out[m, n] = ((float)(xq[m] . w[n]) / x_scale[m]) * w_scale[n], exact int32 dot products.
+
+    xq int8 [M, Kp], x_scale float32 [M], x_sum int32 [M] (= xq.sum(1), as quantize_rows returns),
+    packed uint8 [N, Kp // 4], w_scale float32 [N], out float32 [M, N] (rows may be a strided view,
+    e.g. a column slice of a bigger buffer). Returns out.
+    """
+    _check("xq", xq, np.int8, 2)
+    _check("packed", packed, np.uint8, 2)
+    _check("out", out, np.float32, 2)
+    cdef int64_t M = xq.shape[0], N = packed.shape[0], Kp = xq.shape[1]
+    if packed.shape[1] * 4 != Kp:
+        raise ValueError(f"shape mismatch: xq has {Kp} columns but packed rows hold {packed.shape[1] * 4} weights")
+    if Kp % BLOCK:
+        raise ValueError(f"xq has {Kp} columns, not a multiple of {BLOCK}: quantise with quantize_rows")
+    if Kp > MAX_K:
+        raise ValueError(f"K = {Kp} exceeds the supported maximum {MAX_K}")
+    if out.shape[0] != M or out.shape[1] != N:
+        raise ValueError(f"out must have shape ({M}, {N}), got {out.shape}")
+    _check_rows("xq", xq)
+    _check_rows("packed", packed)
+    _check_rows("out", out)
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    if M > 1 and out.strides[0] < N * 4:
+        raise ValueError(f"out rows overlap (row stride {out.strides[0]} bytes for {N} columns)")
+    x_scale = _check_vector("x_scale", x_scale, np.float32, M)
+    x_sum = _check_vector("x_sum", x_sum, np.int32, M)
+    w_scale = _check_vector("w_scale", w_scale, np.float32, N)
+    if M == 0 or N == 0:
+        return out
+    _matmul(xq, x_scale, x_sum, packed, w_scale, out)
+    return out
+
+
+cdef _matmul(xq, x_scale, x_sum, packed, w_scale, out):
+    cdef const int8_t[:, :] xv = xq
+    cdef const float[::1] xs = x_scale
+    cdef const int32_t[::1] xt = x_sum
+    cdef const uint8_t[:, :] pv = packed
+    cdef const float[::1] ws = w_scale
+    cdef float[:, :] ov = out
+    cdef tq_gemm_args a
+    a.M = xv.shape[0]
+    a.N = pv.shape[0]
+    a.n_blocks = xv.shape[1] // BLOCK
+    a.xq = &xv[0, 0] if a.n_blocks > 0 else NULL
+    a.x_stride = xv.strides[0]
+    a.x_scale = &xs[0]
+    a.x_sum = &xt[0]
+    a.w = &pv[0, 0] if a.n_blocks > 0 else NULL
+    a.w_stride = pv.strides[0]
+    a.w_scale = &ws[0]
+    a.out = &ov[0, 0]
+    a.out_stride = ov.strides[0] // 4
+    cdef int path = _path, nt = _num_threads
+    with nogil:
+        tq_gemm(&a, path, nt)
+
+
+def bitlinear(x, packed, w_scale, out=None) -> np.ndarray:
+    """BitLinear forward: quantise float32 x [M, K] per row, then ternary_matmul -> float32 [M, N]."""
+    _check("x", x, np.float32, 2)
+    _check("packed", packed, np.uint8, 2)
+    if padded_k(x.shape[1]) != packed.shape[1] * 4:
+        raise ValueError(
+            f"shape mismatch: x has {x.shape[1]} columns but packed rows hold {packed.shape[1] * 4} weights"
+        )
+    xq, x_scale, x_sum = quantize_rows(x)
+    if out is None:
+        out = np.empty((x.shape[0], packed.shape[0]), dtype=np.float32)
+    return ternary_matmul(xq, x_scale, x_sum, packed, w_scale, out)

@@ -1,0 +1,359 @@
+"""Ternary kernels against their numpy references: every SIMD path on this CPU must match bit for bit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from bitnet_grpc.cyext import reference as ref
+from bitnet_grpc.cyext import ternary
+
+ALL_PATHS = ["portable", "avx2", "avx512bw", "avx512vnni"]
+
+
+@pytest.fixture(params=ALL_PATHS)
+def kernel_path(request):
+    """Run the test once per matmul implementation, restoring the previous choice afterwards."""
+    name = request.param
+    if name not in ternary.kernel_paths():
+        pytest.skip(f"this CPU cannot run the {name} path")
+    previous = ternary.get_kernel_path()
+    ternary.set_kernel_path(name)
+    yield name
+    ternary.set_kernel_path(previous)
+
+
+@pytest.fixture
+def threads():
+    """Lets a test change the thread count; restores it afterwards."""
+    previous = ternary.get_num_threads()
+    yield ternary.set_num_threads
+    ternary.set_num_threads(previous)
+
+
+def random_codes(rng, n, k, p_zero=0.4):
+    return rng.choice(
+        np.array([-1, 0, 1], np.int8), size=(n, k), p=[(1 - p_zero) / 2, p_zero, (1 - p_zero) / 2]
+    )
+
+
+def random_problem(rng, m, n, k):
+    x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 10, size=(m, 1))).astype(np.float32)
+    codes = random_codes(rng, n, k)
+    w_scale = rng.uniform(0.01, 2.0, size=n).astype(np.float32)
+    return x, ternary.pack_ternary(codes), w_scale
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def run_matmul(xq, x_scale, x_sum, packed):
+    rng = np.random.default_rng(xq.shape[0] * 1000 + packed.shape[0])
+    w_scale = rng.uniform(0.5, 1.5, size=packed.shape[0]).astype(np.float32)
+    out = np.empty((xq.shape[0], packed.shape[0]), np.float32)
+    ternary.ternary_matmul(xq, x_scale, x_sum, packed, w_scale, out)
+    return out, ref.ternary_matmul(xq, x_scale, x_sum, packed, w_scale)
+
+
+# ------------------------------------------------------------------------------------ pack / unpack
+
+
+def test_padded_k():
+    assert [ternary.padded_k(k) for k in (0, 1, 255, 256, 257, 2560, 6912)] == [
+        0,
+        256,
+        256,
+        256,
+        512,
+        2560,
+        6912,
+    ]
+    assert ternary.BLOCK == ref.BLOCK == 256
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 255), (7, 256), (5, 257), (13, 700), (2, 1024)])
+def test_pack_matches_reference_and_round_trips(n, k):
+    codes = random_codes(np.random.default_rng(k), n, k)
+    packed = ternary.pack_ternary(codes)
+    assert packed.shape == (n, ternary.padded_k(k) // 4) and packed.dtype == np.uint8
+    assert np.array_equal(packed, ref.pack_ternary(codes))
+    assert np.array_equal(ternary.unpack_ternary(packed, k), codes)
+    assert np.array_equal(ref.unpack_ternary(packed, k), codes)
+
+
+def test_pack_layout_by_hand():
+    """Byte j of a block holds element j + 64*l in bits 2l..2l+1, as w + 1; padding is code 1."""
+    codes = np.zeros((1, 300), np.int8)
+    codes[0, 5] = 1  # block 0, j=5, l=0 -> code 2 in bits 0-1
+    codes[0, 64 + 5] = -1  # l=1 -> code 0 in bits 2-3
+    codes[0, 192 + 63] = 1  # l=3, j=63 -> code 2 in bits 6-7
+    codes[0, 256 + 1] = -1  # block 1, j=1, l=0
+    packed = ternary.pack_ternary(codes)
+    zero_byte = 0b01010101  # four zero weights
+    assert packed[0, 5] == 0b01010010
+    assert packed[0, 63] == 0b10010101
+    assert packed[0, 64 + 1] == 0b01010100
+    assert packed[0, 64 + 2] == zero_byte  # elements 258 (real, zero), 322, 386, 450 (padding)
+    assert np.count_nonzero(packed != zero_byte) == 3
+
+
+def test_pack_rejects_codes_outside_ternary():
+    codes = np.zeros((2, 10), np.int8)
+    codes[1, 7] = 2
+    with pytest.raises(ValueError, match=r"codes\[1, 7\] = 2"):
+        ternary.pack_ternary(codes)
+
+
+def test_unpack_rejects_code_three_and_wrong_k():
+    packed = ternary.pack_ternary(np.zeros((2, 10), np.int8))
+    with pytest.raises(ValueError, match="k = 300 needs 512"):
+        ternary.unpack_ternary(packed, 300)
+    packed[1, 3] = 0xFF
+    with pytest.raises(ValueError, match=r"packed\[1, 3\].*invalid code 3"):
+        ternary.unpack_ternary(packed, 10)
+
+
+# ------------------------------------------------------------------------------------ ternarisation
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 7), (64, 300), (33, 1000)])
+def test_ternarize_matches_reference(n, k):
+    rng = np.random.default_rng(n * k)
+    w = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
+    codes, scale = ternary.ternarize(w)
+    ref_codes, ref_scale = ref.ternarize(w)
+    assert scale == ref_scale
+    assert codes.dtype == np.int8 and np.array_equal(codes, ref_codes)
+
+
+def test_ternarize_rounds_half_to_even():
+    # mean|w| = 6 / 6 = 1 exactly, so w / scale = w and the ties are exact
+    w = np.array([[0.5, -0.5, 1.5, -1.5, 0.0, 2.0]], np.float32)
+    codes, scale = ternary.ternarize(w)
+    assert scale == 1.0
+    assert codes.tolist() == [[0, 0, 1, -1, 0, 1]]
+
+
+def test_ternarize_edge_values():
+    codes, scale = ternary.ternarize(np.zeros((3, 4), np.float32))
+    assert scale == float(np.float32(1e-5)) and not codes.any()
+    big = np.array([[1e30, -1e30, 1e29, 0.0]], np.float32)
+    assert ternary.ternarize(big)[1] == ref.ternarize(big)[1]
+    assert np.array_equal(ternary.ternarize(big)[0], ref.ternarize(big)[0])
+    tiny = np.full((2, 3), 1e-30, np.float32)
+    assert ternary.ternarize(tiny)[0].tolist() == [[0, 0, 0], [0, 0, 0]]  # 1e-30 / 1e-5 rounds to 0
+    w = np.ones((2, 3), np.float32)
+    w[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"w\[1, 2\] is nan"):
+        ternary.ternarize(w)
+    with pytest.raises(ValueError, match="empty"):
+        ternary.ternarize(np.zeros((0, 4), np.float32))
+
+
+# ------------------------------------------------------------------------------------- quantisation
+
+
+@pytest.mark.parametrize("m,k", [(1, 1), (3, 100), (8, 256), (33, 700)])
+def test_quantize_matches_reference(m, k):
+    rng = np.random.default_rng(m + k)
+    x = (rng.standard_normal((m, k)) * rng.uniform(1e-3, 1e3, size=(m, 1))).astype(np.float32)
+    got = ternary.quantize_rows(x)
+    want = ref.quantize_rows(x)
+    for g, r in zip(got, want, strict=True):
+        assert g.dtype == r.dtype and np.array_equal(g, r)
+    assert got[0].shape == (m, ternary.padded_k(k)) and not got[0][:, k:].any()
+    assert np.array_equal(got[2], got[0].sum(axis=1))
+
+
+def test_quantize_rounds_half_to_even():
+    # max|x| = 127 makes the scale exactly 1, so x * scale = x and the .5 ties survive to rounding
+    x = np.array([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5, -127.0]], np.float32)
+    xq, x_scale, x_sum = ternary.quantize_rows(x)
+    assert x_scale.tolist() == [1.0]
+    assert xq[0, :10].tolist() == [127, 0, 2, 2, 0, -2, -2, 126, -126, -127]
+    assert x_sum.tolist() == [int(xq[0].sum())]
+
+
+def test_quantize_edge_values():
+    x = np.zeros((4, 300), np.float32)
+    x[1, :] = 1e-30
+    x[2, ::2], x[2, 1::2] = 1e30, -1e30
+    x[3, 7] = -3e38
+    xq, x_scale, x_sum = ternary.quantize_rows(x)
+    want = ref.quantize_rows(x)
+    assert all(np.array_equal(g, r) for g, r in zip((xq, x_scale, x_sum), want, strict=True))
+    floor_scale = np.float32(127) / np.float32(1e-5)
+    assert x_scale[0] == x_scale[1] == floor_scale and not xq[:2].any()
+    assert set(xq[2, :300].tolist()) == {127, -127}
+    assert xq[3, 7] == -127 and x_sum[3] == -127
+
+
+def test_quantize_strided_rows_and_bad_values():
+    rng = np.random.default_rng(1)
+    big = rng.standard_normal((6, 400)).astype(np.float32)
+    view = big[::2, 50:350]  # row stride 800 floats, rows contiguous
+    got = ternary.quantize_rows(view)
+    assert all(
+        np.array_equal(g, r) for g, r in zip(got, ref.quantize_rows(np.ascontiguousarray(view)), strict=True)
+    )
+    bad = np.ones((3, 20), np.float32)
+    bad[2, 4] = np.inf
+    with pytest.raises(ValueError, match="row 2 contains NaN or infinity"):
+        ternary.quantize_rows(bad)
+    with pytest.raises(ValueError, match="contiguous"):
+        ternary.quantize_rows(big[:, ::2])
+
+
+# ------------------------------------------------------------------------------------------- matmul
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 33])
+def test_matmul_matches_reference(kernel_path, m):
+    rng = np.random.default_rng(m)
+    for n, k in [(1, 1), (13, 257), (37, 700), (6, 1024), (67, 513)]:
+        x, packed, w_scale = random_problem(rng, m, n, k)
+        xq, x_scale, x_sum = ternary.quantize_rows(x)
+        out = np.full((m, n), np.nan, np.float32)
+        ternary.ternary_matmul(xq, x_scale, x_sum, packed, w_scale, out)
+        assert same_bits(out, ref.ternary_matmul(xq, x_scale, x_sum, packed, w_scale)), (kernel_path, m, n, k)
+
+
+def test_matmul_extreme_activations(kernel_path):
+    """Activations at +127 and -128 against all +1 / all -1 rows: the largest partial sums any int16 or
+    int32 stage can see (|acc| = 128 * K). A path that let int16 sums wrap would fail here."""
+    k, n = 8192, 6
+    codes = np.zeros((n, k), np.int8)
+    codes[0], codes[1], codes[2] = 1, -1, 0
+    codes[3, ::2], codes[3, 1::2] = 1, -1
+    codes[4] = random_codes(np.random.default_rng(4), 1, k)[0]
+    codes[5, :100] = 1  # mostly zero weights
+    packed = ternary.pack_ternary(codes)
+    xq = np.empty((5, k), np.int8)
+    xq[0], xq[1] = 127, -128
+    xq[2, ::2], xq[2, 1::2] = 127, -128
+    xq[3] = 0  # a row of zeros
+    xq[4] = np.random.default_rng(5).integers(-128, 128, size=k)
+    x_sum = xq.sum(axis=1, dtype=np.int32)
+    x_scale = np.array([1.0, 1.0, 0.5, 127 / 1e-5, 3.0], np.float32)
+    out, want = run_matmul(xq, x_scale, x_sum, packed)
+    assert same_bits(out, want)
+    acc = xq.astype(np.int64) @ codes.astype(np.int64).T
+    assert acc[1, 1] == 128 * k and acc[0, 0] == 127 * k  # the sums really were that large
+
+
+def test_matmul_edge_shapes_and_zero_weights(kernel_path):
+    rng = np.random.default_rng(7)
+    packed = ternary.pack_ternary(np.zeros((5, 300), np.int8))
+    xq, x_scale, x_sum = ternary.quantize_rows(rng.standard_normal((3, 300)).astype(np.float32))
+    out, want = run_matmul(xq, x_scale, x_sum, packed)
+    assert same_bits(out, want) and not out.any()
+    empty_out = np.empty((0, 5), np.float32)
+    assert ternary.ternary_matmul(
+        xq[:0], x_scale[:0], x_sum[:0], packed, np.ones(5, np.float32), empty_out
+    ).shape == (0, 5)
+
+
+def test_matmul_is_batch_invariant(kernel_path):
+    rng = np.random.default_rng(11)
+    x, packed, w_scale = random_problem(rng, 33, 29, 600)
+    full = ternary.bitlinear(x, packed, w_scale)
+    for m in (0, 4, 31, 32):
+        assert same_bits(ternary.bitlinear(x[m : m + 1], packed, w_scale), full[m : m + 1])
+
+
+def test_thread_counts_give_identical_results(kernel_path, threads):
+    x, packed, w_scale = random_problem(np.random.default_rng(3), 8, 301, 1000)
+    results = []
+    for n in (1, 2, 3, 4):
+        threads(n)
+        results.append(ternary.bitlinear(x, packed, w_scale))
+    assert all(same_bits(r, results[0]) for r in results)
+    assert same_bits(results[0], ref.bitlinear(x, packed, w_scale))
+
+
+def test_python_threads_call_concurrently(threads):
+    threads(2)
+    rng = np.random.default_rng(5)
+    problems = [random_problem(rng, m, 203, 777) for m in (1, 4, 9, 17)]
+    wanted = [ref.bitlinear(*p) for p in problems]
+    failures = []
+
+    def worker(i):
+        for _ in range(20):
+            if not same_bits(ternary.bitlinear(*problems[i]), wanted[i]):
+                failures.append(i)
+
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert failures == []
+
+
+def test_matmul_writes_into_strided_out():
+    x, packed, w_scale = random_problem(np.random.default_rng(9), 4, 10, 300)
+    buf = np.zeros((4, 30), np.float32)
+    ternary.bitlinear(x, packed, w_scale, out=buf[:, 10:20])
+    assert same_bits(buf[:, 10:20].copy(), ref.bitlinear(x, packed, w_scale))
+    assert not buf[:, :10].any() and not buf[:, 20:].any()
+
+
+# ------------------------------------------------------------------------------------ invalid input
+
+
+def test_invalid_inputs_raise_value_errors():
+    x, packed, w_scale = random_problem(np.random.default_rng(2), 3, 5, 300)
+    xq, x_scale, x_sum = ternary.quantize_rows(x)
+    out = np.empty((3, 5), np.float32)
+    args = dict(xq=xq, x_scale=x_scale, x_sum=x_sum, packed=packed, w_scale=w_scale, out=out)
+
+    def matmul(**changes):
+        return ternary.ternary_matmul(**{**args, **changes})
+
+    cases = [
+        (lambda: ternary.quantize_rows(x.astype(np.float64)), "x must have dtype float32, got float64"),
+        (lambda: ternary.quantize_rows(x[0]), "x must be 2-D"),
+        (lambda: ternary.quantize_rows(x.tolist()), "x must be a numpy array"),
+        (lambda: ternary.bitlinear(x[:, :256], packed, w_scale), "shape mismatch"),
+        (lambda: matmul(xq=xq.astype(np.int16)), "xq must have dtype int8"),
+        (lambda: matmul(xq=xq[:, :256]), "shape mismatch"),
+        (lambda: matmul(xq=xq[:, :100], packed=packed[:, :25]), "multiple of 256"),
+        (lambda: matmul(x_scale=x_scale[:2]), "x_scale must have length 3"),
+        (lambda: matmul(x_sum=x_sum.astype(np.int64)), "x_sum must have dtype int32"),
+        (lambda: matmul(w_scale=w_scale[:4]), "w_scale must have length 5"),
+        (lambda: matmul(out=out.T), "out must have shape"),
+        (lambda: matmul(out=out[:, ::2]), "out must have shape"),
+        (lambda: matmul(out=np.empty((3, 10), np.float32)[:, ::2]), "out rows must be contiguous"),
+        (lambda: matmul(packed=packed.astype(np.int8)), "packed must have dtype uint8"),
+        (lambda: ternary.pack_ternary(np.zeros((2, 3), np.int32)), "codes must have dtype int8"),
+        (lambda: ternary.set_num_threads(0), "threads must be >= 1"),
+        (lambda: ternary.set_kernel_path("sse9"), "unknown kernel path 'sse9'"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    frozen = np.empty((3, 5), np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        matmul(out=frozen)
+
+
+def test_kernel_path_selection():
+    paths = ternary.kernel_paths()
+    assert paths[0] == "portable" and set(paths) <= set(ALL_PATHS)
+    for name in set(ALL_PATHS) - set(paths):
+        with pytest.raises(ValueError, match="not supported by this CPU"):
+            ternary.set_kernel_path(name)
+    env = dict(os.environ, BITNET_GRPC_KERNEL="portable")
+    code = "from bitnet_grpc.cyext import ternary; print(ternary.get_kernel_path())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "portable"
+    env["BITNET_GRPC_KERNEL"] = "nonsense"
+    failed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert failed.returncode != 0 and "ValueError: unknown kernel path 'nonsense'" in failed.stderr
