@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
 
 import grpc
+from bitnet_grpc.client.base import UNSET, ClientBase
 from bitnet_grpc.client.errors import BitnetError, from_rpc_error
 from bitnet_grpc.client.params import (
     GenerationParams,
@@ -23,10 +24,8 @@ from bitnet_grpc.client.results import (
     Tokenized,
     chunk_from_proto,
 )
-from bitnet_grpc.client.settings import DEFAULT_TARGET, UNSET, ClientSettings
 from bitnet_grpc.proto import generation_pb2 as pb
-from bitnet_grpc.proto import generation_pb2_grpc as pb_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 
 async def _collect(chunks: AsyncIterator[Chunk]) -> Completion:
@@ -36,20 +35,14 @@ async def _collect(chunks: AsyncIterator[Chunk]) -> Completion:
     return builder.build()
 
 
-class AsyncClient:
-    """asyncio client for bitnet.v1.TextGeneration; settings as for Client. Use `async with`."""
+class AsyncClient(ClientBase):
+    """asyncio client on grpc.aio with Client's methods; settings are ClientBase's. Use `async with`
+    (or await close()); create it inside the event loop that will use it."""
 
-    def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, **settings) -> None:
-        credentials = settings.pop("credentials", None)
-        self.settings = ClientSettings(target, **settings)
+    def _open_channel(self, address: str, credentials, options: list) -> grpc.aio.Channel:
         if credentials is None:
-            self._channel = grpc.aio.insecure_channel(self.settings.address, options=self.settings.options)
-        else:
-            self._channel = grpc.aio.secure_channel(
-                self.settings.address, credentials, options=self.settings.options
-            )
-        self._stub = pb_grpc.TextGenerationStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+            return grpc.aio.insecure_channel(address, options=options)
+        return grpc.aio.secure_channel(address, credentials, options=options)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -59,9 +52,6 @@ class AsyncClient:
 
     async def __aexit__(self, *exc_info) -> None:
         await self.close()
-
-    def _call_options(self, timeout: object) -> dict:
-        return {"timeout": self.settings.deadline(timeout), "wait_for_ready": self.settings.wait_for_ready}
 
     async def _unary(self, method, request, timeout: object):
         try:

@@ -12,11 +12,11 @@ import json
 import sys
 from collections.abc import Sequence
 
+from bitnet_grpc.client.base import DEFAULT_TARGET
 from bitnet_grpc.client.bench import BenchConfig, run_bench
 from bitnet_grpc.client.bench_stats import format_report
 from bitnet_grpc.client.errors import BitnetError
 from bitnet_grpc.client.results import Chunk, CompletionBuilder
-from bitnet_grpc.client.settings import DEFAULT_TARGET
 from bitnet_grpc.client.sync_client import Client
 
 # Flags that map one to one onto GenerateRequest fields: (flag, type, help).

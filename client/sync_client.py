@@ -6,6 +6,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from bitnet_grpc.client.base import UNSET, ClientBase
 from bitnet_grpc.client.errors import BitnetError, from_rpc_error
 from bitnet_grpc.client.params import (
     GenerationParams,
@@ -23,32 +24,18 @@ from bitnet_grpc.client.results import (
     Tokenized,
     chunk_from_proto,
 )
-from bitnet_grpc.client.settings import DEFAULT_TARGET, UNSET, ClientSettings
 from bitnet_grpc.proto import generation_pb2 as pb
-from bitnet_grpc.proto import generation_pb2_grpc as pb_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 
-class Client:
-    """Blocking client for bitnet.v1.TextGeneration.
+class Client(ClientBase):
+    """Blocking client for bitnet.v1.TextGeneration; settings are ClientBase's. Every failed call
+    raises BitnetError; parameters out of range raise ValueError before anything is sent."""
 
-    `target` is "host:port", any gRPC target URI, or a list of "host:port" addresses that one channel
-    balances over with round_robin. `timeout` is each call's deadline in seconds (None: none);
-    `retries` (0..4) re-sends calls that failed with UNAVAILABLE - and RESOURCE_EXHAUSTED when
-    `retry_resource_exhausted` - before any token arrived. Every failure raises BitnetError.
-    """
-
-    def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, **settings) -> None:
-        credentials = settings.pop("credentials", None)
-        self.settings = ClientSettings(target, **settings)
+    def _open_channel(self, address: str, credentials, options: list) -> grpc.Channel:
         if credentials is None:
-            self._channel = grpc.insecure_channel(self.settings.address, options=self.settings.options)
-        else:
-            self._channel = grpc.secure_channel(
-                self.settings.address, credentials, options=self.settings.options
-            )
-        self._stub = pb_grpc.TextGenerationStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+            return grpc.insecure_channel(address, options=options)
+        return grpc.secure_channel(address, credentials, options=options)
 
     def close(self) -> None:
         self._channel.close()
@@ -58,9 +45,6 @@ class Client:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-    def _call_options(self, timeout: object) -> dict:
-        return {"timeout": self.settings.deadline(timeout), "wait_for_ready": self.settings.wait_for_ready}
 
     def _unary(self, method, request, timeout: object):
         try:
