@@ -71,7 +71,7 @@ def start_service(options, backend, port: int = 0):
 
 @contextmanager
 def running_server(port: int = 0, **overrides) -> Iterator:
-    """A real server on 127.0.0.1 (its own model, scheduler and metrics); yields the Service."""
+    """A real server on 127.0.0.1 (its own engine, scheduler and metrics); yields the Service."""
     options, backend = load_backend(**overrides)
     service = start_service(options, backend, port)
     try:
