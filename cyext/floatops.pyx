@@ -10,7 +10,8 @@ GIL. Each has a numpy reference in ``bitnet_grpc.cyext.reference`` (section "flo
 Layouts (all float32, C order unless said otherwise):
 - activations ``[rows, width]``; row stride may be larger than the width (views into a fused q|k|v
   buffer) but elements within a row must be contiguous;
-- KV cache of one layer ``[n_slots, ctx, n_kv_heads, head_dim]``;
+- KV cache of one layer ``[n_slots, n_kv_heads, ctx, head_dim]``: head-major, so attention streams
+  one head's positions from contiguous memory;
 - rotary tables ``cos``/``sin`` ``[ctx, head_dim // 2]`` indexed by position.
 """
 
@@ -34,6 +35,8 @@ cdef extern from "floatops_kernels.h" nogil:
     float fo_half_to_float(uint16_t h)
     void fo_dot4_f32(const float **x, const float *b, Py_ssize_t n, float *out)
     void fo_dot4_f16(const float **x, const uint16_t *b, Py_ssize_t n, float *out)
+    void fo_attend(const float *q, const float *k, const float *v, Py_ssize_t n_pos, Py_ssize_t pos_stride,
+                   Py_ssize_t head_dim, float scale, float *scores, float *out)
 
 
 LANES = FO_LANES
@@ -194,7 +197,7 @@ def relu2_gate(const float[:, :] gate_up, float[:, :] out) -> None:
             g = &gate_up[0, 0] + r * gs
             o = &out[0, 0] + r * os
             for i in range(f):
-                v = g[i] if g[i] > 0.0 else 0.0
+                v = max(g[i], <float>0.0)
                 o[i] = (v * v) * g[f + i]
 
 
@@ -230,15 +233,16 @@ cdef void _check_cache(const float[:, :, :, ::1] k_cache, const float[:, :, :, :
     for r in range(rows):
         if slots[r] < 0 or slots[r] >= k_cache.shape[0]:
             raise ValueError(f"slot {slots[r]} outside 0..{k_cache.shape[0] - 1}")
-        if positions[r] < 0 or positions[r] >= k_cache.shape[1]:
-            raise ValueError(f"position {positions[r]} outside the cache (0..{k_cache.shape[1] - 1})")
+        if positions[r] < 0 or positions[r] >= k_cache.shape[2]:
+            raise ValueError(f"position {positions[r]} outside the cache (0..{k_cache.shape[2] - 1})")
 
 
 def kv_store(const float[:, :] k, const float[:, :] v, float[:, :, :, ::1] k_cache,
              float[:, :, :, ::1] v_cache, const int[::1] slots, const int[::1] positions) -> None:
     """Write each row's k and v ([rows, n_kv * head_dim]) into its (slot, position) of the cache."""
-    cdef Py_ssize_t rows = k.shape[0], r
-    cdef Py_ssize_t width = k_cache.shape[2] * k_cache.shape[3]
+    cdef Py_ssize_t rows = k.shape[0], r, h
+    cdef Py_ssize_t n_kv = k_cache.shape[1], head_dim = k_cache.shape[3]
+    cdef Py_ssize_t width = n_kv * head_dim
     _check_rows(k, rows, width, "k")
     _check_rows(v, rows, width, "v")
     _check_cache(k_cache, v_cache, slots, positions, rows)
@@ -247,33 +251,11 @@ def kv_store(const float[:, :] k, const float[:, :] v, float[:, :, :, ::1] k_cac
         return
     with nogil:
         for r in range(rows):
-            memcpy(&k_cache[slots[r], positions[r], 0, 0], &k[0, 0] + r * ks, width * sizeof(float))
-            memcpy(&v_cache[slots[r], positions[r], 0, 0], &v[0, 0] + r * vs, width * sizeof(float))
-
-
-cdef void _attend_one(const float *q, const float *k_base, const float *v_base, float *out, float *scores,
-                      Py_ssize_t n_pos, Py_ssize_t pos_stride, Py_ssize_t head_dim,
-                      float scale) noexcept nogil:
-    """One query head over positions 0..n_pos-1 of one slot and KV head (bases already offset)."""
-    cdef Py_ssize_t t, d
-    cdef float m, p, total = 0.0, inv
-    m = -3.4028234663852886e38
-    for t in range(n_pos):
-        scores[t] = fo_dot_f32(q, k_base + t * pos_stride, head_dim) * scale
-        if scores[t] > m:
-            m = scores[t]
-    for t in range(n_pos):
-        scores[t] = expf(scores[t] - m)
-        total = total + scores[t]
-    for d in range(head_dim):
-        out[d] = 0.0
-    for t in range(n_pos):
-        p = scores[t]
-        for d in range(head_dim):
-            out[d] = out[d] + p * v_base[t * pos_stride + d]
-    inv = <float>1.0 / total
-    for d in range(head_dim):
-        out[d] = out[d] * inv
+            for h in range(n_kv):
+                memcpy(&k_cache[slots[r], h, positions[r], 0], &k[0, 0] + r * ks + h * head_dim,
+                       head_dim * sizeof(float))
+                memcpy(&v_cache[slots[r], h, positions[r], 0], &v[0, 0] + r * vs + h * head_dim,
+                       head_dim * sizeof(float))
 
 
 def attention(const float[:, :] q, const float[:, :, :, ::1] k_cache, const float[:, :, :, ::1] v_cache,
@@ -281,13 +263,14 @@ def attention(const float[:, :] q, const float[:, :, :, ::1] k_cache, const floa
               float[:, ::1] scratch) -> None:
     """Causal GQA attention of each query row over its slot's cache, positions 0..positions[r].
 
-    q, out: [rows, n_heads * head_dim]. Query head j reads KV head j // (n_heads // n_kv). Scores are
+    q, out: [rows, n_heads * head_dim]; caches [n_slots, n_kv, ctx, head_dim]. Query head j reads KV
+    head j // (n_heads // n_kv) (one C call per row and head: fo_attend in floatops_kernels.c). Scores are
     q.k (fixed-order dot) * 1/sqrt(head_dim); softmax in float32 (max subtracted, sum in position
     order); the output accumulates p[t] * v[t] in position order and is divided by the sum at the end.
     scratch: [>= 1, ctx] float32, one row per thread for the scores (fewer rows = fewer threads).
     """
-    cdef Py_ssize_t rows = q.shape[0], n_kv = k_cache.shape[2], head_dim = k_cache.shape[3]
-    cdef Py_ssize_t ctx = k_cache.shape[1]
+    cdef Py_ssize_t rows = q.shape[0], n_kv = k_cache.shape[1], head_dim = k_cache.shape[3]
+    cdef Py_ssize_t ctx = k_cache.shape[2]
     if head_dim < 1 or q.shape[1] % head_dim or (q.shape[1] // head_dim) % n_kv:
         raise ValueError(f"q width {q.shape[1]} is not a multiple of n_kv {n_kv} * head_dim {head_dim}")
     cdef Py_ssize_t n_heads = q.shape[1] // head_dim, group = n_heads // n_kv
@@ -299,7 +282,7 @@ def attention(const float[:, :] q, const float[:, :, :, ::1] k_cache, const floa
     if rows == 0:
         return
     cdef float scale = <float>(1.0 / sqrt(<double>head_dim))
-    cdef Py_ssize_t pos_stride = n_kv * head_dim, slot_stride = ctx * pos_stride
+    cdef Py_ssize_t pos_stride = head_dim, head_stride = ctx * head_dim, slot_stride = n_kv * head_stride
     cdef Py_ssize_t scratch_stride = scratch.shape[1]
     cdef Py_ssize_t work = rows * n_heads, item, r, h
     cdef int threads = min(_num_threads, <int>scratch.shape[0])
@@ -313,22 +296,22 @@ def attention(const float[:, :] q, const float[:, :, :, ::1] k_cache, const floa
             for item in range(work):
                 r = item // n_heads
                 h = item % n_heads
-                _attend_one(
+                fo_attend(
                     pq + r * qs + h * head_dim,
-                    pk + slots[r] * slot_stride + (h // group) * head_dim,
-                    pv + slots[r] * slot_stride + (h // group) * head_dim,
-                    po + r * os + h * head_dim, ps, positions[r] + 1, pos_stride, head_dim, scale,
+                    pk + slots[r] * slot_stride + (h // group) * head_stride,
+                    pv + slots[r] * slot_stride + (h // group) * head_stride,
+                    positions[r] + 1, pos_stride, head_dim, scale, ps, po + r * os + h * head_dim,
                 )
     else:
         for item in prange(work, nogil=True, schedule="dynamic", num_threads=threads):
             r = item // n_heads
             h = item % n_heads
-            _attend_one(
+            fo_attend(
                 pq + r * qs + h * head_dim,
-                pk + slots[r] * slot_stride + (h // group) * head_dim,
-                pv + slots[r] * slot_stride + (h // group) * head_dim,
-                po + r * os + h * head_dim, ps + threadid() * scratch_stride, positions[r] + 1,
-                pos_stride, head_dim, scale,
+                pk + slots[r] * slot_stride + (h // group) * head_stride,
+                pv + slots[r] * slot_stride + (h // group) * head_stride,
+                positions[r] + 1, pos_stride, head_dim, scale, ps + threadid() * scratch_stride,
+                po + r * os + h * head_dim,
             )
 
 

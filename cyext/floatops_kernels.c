@@ -1,6 +1,7 @@
 /* Fixed-order float dot products (see floatops_kernels.h for the order every path must follow). */
 #include "floatops_kernels.h"
 
+#include <math.h>
 #include <string.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -128,6 +129,22 @@ __attribute__((target("avx2,f16c"))) static void dot4_f16_avx2(const float *cons
 #undef TAIL_W
 #endif
 
+/* out[d] += p * v[d]: element-wise, so every vector width gives the same bits. */
+static void axpy_portable(float *out, float p, const float *v, ptrdiff_t n) {
+    for (ptrdiff_t d = 0; d < n; d++) out[d] = out[d] + p * v[d];
+}
+
+#if FO_X86
+__attribute__((target("avx2"))) static void axpy_avx2(float *out, float p, const float *v, ptrdiff_t n) {
+    __m256 pv = _mm256_set1_ps(p);
+    ptrdiff_t d = 0;
+    for (; d + 8 <= n; d += 8)
+        _mm256_storeu_ps(out + d,
+                         _mm256_add_ps(_mm256_loadu_ps(out + d), _mm256_mul_ps(pv, _mm256_loadu_ps(v + d))));
+    for (; d < n; d++) out[d] = out[d] + p * v[d];
+}
+#endif
+
 int fo_best_path(void) {
 #if FO_X86
     __builtin_cpu_init();
@@ -176,4 +193,29 @@ void fo_dot4_f16(const float *const x[4], const uint16_t *b, ptrdiff_t n, float 
     }
 #endif
     for (int r = 0; r < 4; r++) out[r] = dot_f16_portable(x[r], b, n);
+}
+
+void fo_attend(const float *q, const float *k, const float *v, ptrdiff_t n_pos, ptrdiff_t pos_stride,
+               ptrdiff_t head_dim, float scale, float *scores, float *out) {
+    float (*dot)(const float *, const float *, ptrdiff_t) = dot_f32_portable;
+    void (*axpy)(float *, float, const float *, ptrdiff_t) = axpy_portable;
+#if FO_X86
+    if (g_path == 1) {
+        dot = dot_f32_avx2;
+        axpy = axpy_avx2;
+    }
+#endif
+    float max_score = -INFINITY, total = 0.0f;
+    for (ptrdiff_t t = 0; t < n_pos; t++) {
+        scores[t] = dot(q, k + t * pos_stride, head_dim) * scale;
+        if (scores[t] > max_score) max_score = scores[t];
+    }
+    for (ptrdiff_t t = 0; t < n_pos; t++) {
+        scores[t] = expf(scores[t] - max_score);
+        total = total + scores[t];
+    }
+    for (ptrdiff_t d = 0; d < head_dim; d++) out[d] = 0.0f;
+    for (ptrdiff_t t = 0; t < n_pos; t++) axpy(out, scores[t], v + t * pos_stride, head_dim);
+    float inv = 1.0f / total;
+    for (ptrdiff_t d = 0; d < head_dim; d++) out[d] = out[d] * inv;
 }

@@ -30,4 +30,12 @@ float fo_half_to_float(uint16_t h);
 void fo_dot4_f32(const float *const x[4], const float *b, ptrdiff_t n, float out[4]);
 void fo_dot4_f16(const float *const x[4], const uint16_t *b, ptrdiff_t n, float out[4]);
 
+
+/* Attention of one query head over positions 0..n_pos-1 of one cached KV head (k, v point at position
+ * 0; positions are pos_stride floats apart): scores = dot(q, k_t) * scale; softmax with the maximum
+ * subtracted, expf, sum in position order; out = sum_t p_t * v_t in position order, times 1/sum.
+ * scores needs n_pos floats of scratch. */
+void fo_attend(const float *q, const float *k, const float *v, ptrdiff_t n_pos, ptrdiff_t pos_stride,
+               ptrdiff_t head_dim, float scale, float *scores, float *out);
+
 #endif

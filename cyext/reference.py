@@ -88,22 +88,25 @@ def attention(
     slots: np.ndarray,
     positions: np.ndarray,
 ) -> np.ndarray:
-    """Causal GQA attention: row r, head j over cache[slots[r], :positions[r]+1, j // group]."""
+    """Causal GQA attention: row r, head j over cache[slots[r], j // group, :positions[r]+1].
+
+    Caches are [n_slots, n_kv_heads, ctx, head_dim].
+    """
     rows = q.shape[0]
-    n_kv, head_dim = k_cache.shape[2], k_cache.shape[3]
+    n_kv, head_dim = k_cache.shape[1], k_cache.shape[3]
     n_heads = q.shape[1] // head_dim
     group = n_heads // n_kv
     scale = np.float32(1.0 / np.sqrt(head_dim))
     out = np.zeros((rows, n_heads, head_dim), np.float32)
     for r in range(rows):
         n_pos = int(positions[r]) + 1
-        keys = k_cache[slots[r], :n_pos]  # [n_pos, n_kv, head_dim]
-        values = v_cache[slots[r], :n_pos]
+        keys = k_cache[slots[r], :, :n_pos]  # [n_kv, n_pos, head_dim]
+        values = v_cache[slots[r], :, :n_pos]
         for j in range(n_heads):
             qh = q[r, j * head_dim : (j + 1) * head_dim]
-            scores = fixed_order_dot(qh[None, :], keys[:, j // group])[0] * scale
+            scores = fixed_order_dot(qh[None, :], keys[j // group])[0] * scale
             p = np.exp(scores - scores.max())
-            out[r, j] = (p[:, None] * values[:, j // group]).sum(axis=0, dtype=np.float64) / p.sum(
+            out[r, j] = (p[:, None] * values[j // group]).sum(axis=0, dtype=np.float64) / p.sum(
                 dtype=np.float64
             )
     return out.reshape(rows, -1)

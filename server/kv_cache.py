@@ -1,7 +1,8 @@
 """The KV cache: keys and values of every past position, per layer and per sequence slot.
 
-Preallocated once (float32, ``[n_slots, ctx, n_kv_heads, head_dim]`` per layer) so that no step
-allocates; a sequence owns one slot for its lifetime. Entries are never cleared: a row only attends to
+Preallocated once (float32, ``[n_slots, n_kv_heads, ctx, head_dim]`` per layer: head-major, so the
+attention kernel reads each head's positions as one contiguous stream) so that no step allocates; a
+sequence owns one slot for its lifetime. Entries are never cleared: a row only attends to
 positions up to its own, and every one of those was written by the same sequence before (or in the same
 forward pass), so stale data of a previous owner is never read.
 """
@@ -19,7 +20,7 @@ class KVCache:
             raise ValueError(f"need n_slots >= 1 and ctx_size >= 1, got {n_slots}, {ctx_size}")
         self.n_slots = n_slots
         self.ctx_size = ctx_size
-        shape = (n_slots, ctx_size, n_kv_heads, head_dim)
+        shape = (n_slots, n_kv_heads, ctx_size, head_dim)
         self.keys = [np.zeros(shape, np.float32) for _ in range(n_layers)]
         self.values = [np.zeros(shape, np.float32) for _ in range(n_layers)]
         self._free = list(range(n_slots - 1, -1, -1))  # pop() hands out slot 0 first

@@ -114,8 +114,8 @@ def numpy_forward(weights: ModelWeights, tokens: list[int]) -> np.ndarray:
         q = ref.rope(bitlinear(h, w["attn_q"]), positions, cos, sin, cfg.n_heads)
         k = ref.rope(bitlinear(h, w["attn_k"]), positions, cos, sin, cfg.n_kv_heads)
         v = bitlinear(h, w["attn_v"])
-        keys = k.reshape(1, n, cfg.n_kv_heads, cfg.head_dim)
-        values = v.reshape(1, n, cfg.n_kv_heads, cfg.head_dim)
+        keys = k.reshape(n, cfg.n_kv_heads, cfg.head_dim).transpose(1, 0, 2)[None]  # [1, n_kv, n, hd]
+        values = v.reshape(n, cfg.n_kv_heads, cfg.head_dim).transpose(1, 0, 2)[None]
         attn = ref.attention(q, keys, values, np.zeros(n, np.int32), positions)
         x = x + bitlinear(norm("attn_sub_norm", attn), w["attn_output"])
         h = norm("ffn_norm", x)

@@ -141,7 +141,7 @@ def test_gates_match_reference():
 
 
 def make_cache(rng, n_slots=3, ctx=40, n_kv=2, head_dim=16):
-    return rand(rng, n_slots, ctx, n_kv, head_dim), rand(rng, n_slots, ctx, n_kv, head_dim)
+    return rand(rng, n_slots, n_kv, ctx, head_dim), rand(rng, n_slots, n_kv, ctx, head_dim)
 
 
 def test_attention_matches_reference_gqa():
@@ -157,7 +157,7 @@ def test_attention_matches_reference_gqa():
     expected = ref.attention(q, k_cache, v_cache, slots, positions)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=2e-6)
     # position 0 sees only itself: the output is exactly v[0] of the head's KV head
-    np.testing.assert_allclose(out[0].reshape(n_heads, 16)[4], v_cache[0, 0, 1], rtol=1e-6)
+    np.testing.assert_allclose(out[0].reshape(n_heads, 16)[4], v_cache[0, 1, 0], rtol=1e-6)
 
 
 def test_attention_is_causal_and_batch_invariant():
@@ -177,8 +177,8 @@ def test_attention_is_causal_and_batch_invariant():
         np.testing.assert_array_equal(alone[0], out[r])
     # future positions and other slots do not matter
     k2, v2 = k_cache.copy(), v_cache.copy()
-    k2[1, 12:] = 99.0
-    v2[1, 12:] = -99.0
+    k2[1, :, 12:] = 99.0
+    v2[1, :, 12:] = -99.0
     k2[0] = 5.0
     again = np.empty((2, 4 * 16), np.float32)
     floatops.attention(q[:2], k2, v2, slots[:2], positions[:2], again, scratch)
@@ -187,15 +187,15 @@ def test_attention_is_causal_and_batch_invariant():
 
 def test_kv_store_and_bounds():
     rng = np.random.default_rng(8)
-    k_cache = np.zeros((2, 8, 2, 4), np.float32)
+    k_cache = np.zeros((2, 2, 8, 4), np.float32)
     v_cache = np.zeros_like(k_cache)
     kv = rand(rng, 3, 16)  # a fused k|v buffer: k = kv[:, :8], v = kv[:, 8:]
     slots = np.array([1, 0, 1], np.int32)
     positions = np.array([0, 7, 3], np.int32)
     floatops.kv_store(kv[:, :8], kv[:, 8:], k_cache, v_cache, slots, positions)
     for r in range(3):
-        np.testing.assert_array_equal(k_cache[slots[r], positions[r]].ravel(), kv[r, :8])
-        np.testing.assert_array_equal(v_cache[slots[r], positions[r]].ravel(), kv[r, 8:])
+        np.testing.assert_array_equal(k_cache[slots[r], :, positions[r]].ravel(), kv[r, :8])
+        np.testing.assert_array_equal(v_cache[slots[r], :, positions[r]].ravel(), kv[r, 8:])
     assert np.count_nonzero(k_cache) == 3 * 8
     with pytest.raises(ValueError, match="position"):
         floatops.kv_store(kv[:1, :8], kv[:1, 8:], k_cache, v_cache, slots[:1], np.array([8], np.int32))
