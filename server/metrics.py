@@ -50,7 +50,7 @@ class ServiceMetrics:
             "bitnet_generated_tokens", "Tokens sampled for clients.", registry=self.registry
         )
         self.prompt_tokens = Counter(
-            "bitnet_prompt_tokens", "Prompt tokens prefilled.", registry=self.registry
+            "bitnet_prompt_tokens", "Prompt tokens of sequences that finished.", registry=self.registry
         )
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None

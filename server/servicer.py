@@ -131,6 +131,7 @@ class _CallRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = ""
+    last_token_time: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
@@ -151,6 +152,12 @@ class _Delivery:
     @property
     def last(self) -> bool:
         return self.failure is not None or self.finish_reason is not None
+
+
+def _internal(method: str) -> _Abort:
+    """A bug: logged with its traceback here, reported to the client without details."""
+    logging.getLogger(__name__).exception("%s failed", method)
+    return _Abort(grpc.StatusCode.INTERNAL, f"{method} failed on the server")
 
 
 def _failure_status(failure: Failed) -> _Abort:
@@ -223,7 +230,7 @@ class TextGenerationServicer:
 
     # ---- unary methods -------------------------------------------------------------------------------
     def Tokenize(self, request: Any, context: grpc.ServicerContext) -> pb.TokenizeResponse:
-        def run(backend: Backend, record: _CallRecord) -> pb.TokenizeResponse:
+        def run(backend: Backend) -> pb.TokenizeResponse:
             add = request.add_special_tokens if request.HasField("add_special_tokens") else True
             ids, pieces = backend.tokenize(request.text, add)
             return pb.TokenizeResponse(token_ids=ids, tokens=pieces)
@@ -231,7 +238,7 @@ class TextGenerationServicer:
         return self._unary("Tokenize", request, context, run)
 
     def Detokenize(self, request: Any, context: grpc.ServicerContext) -> pb.DetokenizeResponse:
-        def run(backend: Backend, record: _CallRecord) -> pb.DetokenizeResponse:
+        def run(backend: Backend) -> pb.DetokenizeResponse:
             ids = check_token_ids("token_ids", request.token_ids, backend.limits.vocab_size)
             skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
             return pb.DetokenizeResponse(text=backend.detokenize(ids, skip))
@@ -239,7 +246,7 @@ class TextGenerationServicer:
         return self._unary("Detokenize", request, context, run)
 
     def GetModelInfo(self, request: Any, context: grpc.ServicerContext) -> pb.ModelInfo:
-        return self._unary("GetModelInfo", request, context, lambda backend, record: backend.model_info())
+        return self._unary("GetModelInfo", request, context, lambda backend: backend.model_info())
 
     def _unary(self, method: str, request: Any, context: grpc.ServicerContext, run: Callable) -> Any:
         record = _CallRecord(method)
@@ -247,11 +254,13 @@ class TextGenerationServicer:
             backend = self._ready()
             if isinstance(request, UndecodableRequest):
                 raise _invalid(request.error)
-            return run(backend, record)
+            return run(backend)
         except InvalidField as error:
             self._fail(context, record, _invalid(error))
         except _Abort as error:
             self._fail(context, record, error)
+        except Exception:
+            self._fail(context, record, _internal(method))
         finally:
             self._account(record)
 
@@ -267,7 +276,7 @@ class TextGenerationServicer:
             record.prompt_tokens = len(checked.prompt_ids)
             with self._admission(backend, 1):
                 channel: queue.Queue = queue.Queue()
-                seq = backend.new_sequence(checked, channel, 0, _deadline(context))
+                seq = self._new_sequence(backend, checked, channel, 0, _deadline(context))
                 self._submit(backend, context, channel, [seq])
                 for delivery in self._updates(channel, 1, context):
                     self._observe(seq, delivery, record)
@@ -280,12 +289,16 @@ class TextGenerationServicer:
         except GeneratorExit:  # grpcio dropped the stream: the client went away
             record.code = grpc.StatusCode.CANCELLED
             raise
+        except Exception:
+            self._fail(context, record, _internal("Generate"))
         finally:
             self._account(record)
 
     def GenerateBatch(
         self, request: Any, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateBatchResponse]:
+        """Check every request, admit the good ones together (or refuse the call), report the bad ones
+        by index, then stream all sequences through one channel."""
         outer = _CallRecord("GenerateBatch")
         records: list[_CallRecord] = []
         try:
@@ -300,55 +313,50 @@ class TextGenerationServicer:
                 )
             checked: dict[int, CheckedGenerate] = {}
             for index, sub in enumerate(request.requests):
-                record = _CallRecord("GenerateBatch", request_id=sub.request_id)
+                record = _CallRecord("GenerateBatch", request_id=sub.request_id, extra={"index": index})
+                records.append(record)
                 try:
                     checked[index] = self._check(backend, sub)
                     record.request_id = checked[index].request_id
                     record.prompt_tokens = len(checked[index].prompt_ids)
                 except _Abort as error:
                     record.code, record.message = error.code, error.message
-                    records.append(record)
-                    code = error.code.value[0]
-                    yield pb.GenerateBatchResponse(
-                        index=index, error=pb.BatchError(code=code, message=error.message)
-                    )
-                    continue
-                records.append(record)
-            if not checked:
-                return
-            by_index = {i: r for i, r in zip(range(len(request.requests)), records, strict=True)}
             with self._admission(backend, len(checked)):
+                for index, record in enumerate(records):
+                    if index not in checked:
+                        error = pb.BatchError(code=record.code.value[0], message=record.message)
+                        yield pb.GenerateBatchResponse(index=index, error=error)
+                if not checked:
+                    return
                 channel: queue.Queue = queue.Queue()
                 deadline = _deadline(context)
-                seqs = {i: backend.new_sequence(c, channel, i, deadline) for i, c in checked.items()}
+                seqs = {i: self._new_sequence(backend, c, channel, i, deadline) for i, c in checked.items()}
                 self._submit(backend, context, channel, list(seqs.values()))
                 for delivery in self._updates(channel, len(seqs), context):
                     index = delivery.tag
-                    self._observe(seqs[index], delivery, by_index[index])
+                    self._observe(seqs[index], delivery, records[index])
                     if delivery.events:
                         response = self._response(backend, seqs[index], delivery)
                         yield pb.GenerateBatchResponse(index=index, response=response)
                     if delivery.failure is not None:
                         failure = _failure_status(delivery.failure)
-                        by_index[index].code, by_index[index].message = failure.code, failure.message
+                        records[index].code, records[index].message = failure.code, failure.message
                         if failure.code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
                             raise failure  # the whole call is over
                         error = pb.BatchError(code=failure.code.value[0], message=failure.message)
                         yield pb.GenerateBatchResponse(index=index, error=error)
         except _Abort as error:
             self._fail(context, outer, error)
-            for record in records:
-                if record.code == grpc.StatusCode.OK:
-                    record.code, record.message = error.code, error.message
         except GeneratorExit:
             outer.code = grpc.StatusCode.CANCELLED
-            for record in records:
-                if record.code == grpc.StatusCode.OK and not record.finish_reason:
-                    record.code = grpc.StatusCode.CANCELLED
             raise
+        except Exception:
+            self._fail(context, outer, _internal("GenerateBatch"))
         finally:
             for record in records:
-                self._account(record, log_only=True)
+                if record.code == grpc.StatusCode.OK and not record.finish_reason:
+                    record.code, record.message = outer.code, outer.message  # ended with the call
+                self._account(record, count_call=False)
             outer.prompt_tokens = sum(r.prompt_tokens for r in records)
             outer.completion_tokens = sum(r.completion_tokens for r in records)
             outer.extra["requests"] = len(records)
@@ -367,6 +375,19 @@ class TextGenerationServicer:
             return check_generate(request, backend.limits, backend.encode_prompt, backend.encode_chat)
         except InvalidField as error:
             raise _invalid(error) from None
+
+    def _new_sequence(
+        self,
+        backend: Backend,
+        checked: CheckedGenerate,
+        channel: queue.Queue,
+        tag: int,
+        deadline: float | None,
+    ) -> Sequence:
+        try:
+            return backend.new_sequence(checked, channel, tag, deadline)
+        except ValueError as error:  # the engine's own checks; the servicer's should have caught it
+            raise _invalid(InvalidField("request", str(error))) from None
 
     @contextmanager
     def _admission(self, backend: Backend, units: int) -> Iterator[None]:
@@ -443,15 +464,12 @@ class TextGenerationServicer:
 
     def _observe(self, seq: Sequence, delivery: _Delivery, record: _CallRecord) -> None:
         """Metrics and log fields for the tokens of one delivery."""
-        previous = record.extra.get("_last_token_time")
         for t in delivery.times:
-            if previous is None:
+            if record.last_token_time is None:
                 self.metrics.time_to_first_token.observe(t - seq.arrival)
             else:
-                self.metrics.inter_token_latency.observe(t - previous)
-            previous = t
-        if previous is not None:
-            record.extra["_last_token_time"] = previous
+                self.metrics.inter_token_latency.observe(t - record.last_token_time)
+            record.last_token_time = t
         self.metrics.generated_tokens.inc(len(delivery.events))
         record.completion_tokens += len(delivery.events)
         if delivery.finish_reason is not None:
@@ -494,14 +512,12 @@ class TextGenerationServicer:
             return  # nobody is listening
         _abort(context, error)
 
-    def _account(self, record: _CallRecord, log_only: bool = False) -> None:
-        if not log_only:
+    def _account(self, record: _CallRecord, count_call: bool = True) -> None:
+        """Metrics and the one log line of a call (or of one request of a batch: count_call=False)."""
+        if count_call:
             self.metrics.requests.labels(record.method, record.code.name).inc()
-            if record.code == grpc.StatusCode.OK and record.prompt_tokens and record.method == "Generate":
-                self.metrics.prompt_tokens.inc(record.prompt_tokens)
-        if record.method == "GenerateBatch" and log_only and record.prompt_tokens:
-            if record.code == grpc.StatusCode.OK:
-                self.metrics.prompt_tokens.inc(record.prompt_tokens)
+        if record.finish_reason:
+            self.metrics.prompt_tokens.inc(record.prompt_tokens)
         line: dict[str, Any] = {
             "event": "request",
             "method": record.method,
@@ -512,7 +528,7 @@ class TextGenerationServicer:
         }
         if record.finish_reason:
             line["finish_reason"] = record.finish_reason
-        line.update({k: round(v, 6) for k, v in record.extra.items() if not k.startswith("_")})
+        line.update({k: round(v, 6) for k, v in record.extra.items()})
         line["elapsed_s"] = round(time.monotonic() - record.started, 6)
         if record.message:
             line["message"] = record.message

@@ -90,6 +90,9 @@ def test_overload_is_refused_at_once_with_retry_info_while_health_answers(make_s
     retry = error_details_pb2.RetryInfo()
     assert any(d.Unpack(retry) for d in rpc_status.from_call(info.value).details)
     assert retry.retry_delay.ToTimedelta().total_seconds() > 0
+    with pytest.raises(grpc.RpcError) as batch_info:
+        list(server.stub.GenerateBatch(pb.GenerateBatchRequest(requests=[long])))
+    assert batch_info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
     # Health checks and unary calls find a thread and answer promptly while the 4 streams run.
     latencies = []
