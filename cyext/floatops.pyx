@@ -35,6 +35,8 @@ cdef extern from "floatops_kernels.h" nogil:
     float fo_half_to_float(uint16_t h)
     void fo_dot4_f32(const float **x, const float *b, Py_ssize_t n, float *out)
     void fo_dot4_f16(const float **x, const uint16_t *b, Py_ssize_t n, float *out)
+    double fo_sum_squares(const float *x, Py_ssize_t n)
+    void fo_relu2_gate(const float *gate, const float *up, float *out, Py_ssize_t n)
     void fo_attend(const float *q, const float *k, const float *v, Py_ssize_t n_pos, Py_ssize_t pos_stride,
                    Py_ssize_t head_dim, float scale, float *scores, float *out)
 
@@ -94,17 +96,15 @@ cdef inline void _check_rows(const float[:, :] x, Py_ssize_t rows, Py_ssize_t wi
 
 
 cdef void _rmsnorm_row(const float *x, const float *w, float *out, Py_ssize_t d, double eps) noexcept nogil:
-    cdef double ss = 0.0
+    cdef double ss = fo_sum_squares(x, d)
     cdef Py_ssize_t i
-    for i in range(d):
-        ss += <double>x[i] * <double>x[i]
     cdef float inv = <float>(1.0 / sqrt(ss / <double>d + eps))
     for i in range(d):
         out[i] = (x[i] * inv) * w[i]
 
 
 def rmsnorm(const float[:, :] x, const float[::1] weight, double eps, float[:, :] out) -> None:
-    """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight; sum of squares in float64, in index order.
+    """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight; sum of squares in float64 (fo_sum_squares).
 
     ``out`` may be ``x`` itself (in place).
     """
@@ -183,22 +183,17 @@ def _check_gate(const float[:, :] gate_up, float[:, :] out):
 
 
 def relu2_gate(const float[:, :] gate_up, float[:, :] out) -> None:
-    """out = relu(g)^2 * u, computed as (g * g) * u for g > 0 else 0."""
+    """out = relu(g)^2 * u, computed as (g * g) * u for g > 0 else 0 (out must not overlap gate_up)."""
     _check_gate(gate_up, out)
-    cdef Py_ssize_t rows = out.shape[0], f = out.shape[1], r, i
+    cdef Py_ssize_t rows = out.shape[0], f = out.shape[1], r
     cdef Py_ssize_t gs = _row_stride(gate_up, "gate_up"), os = _row_stride(out, "out")
     if rows == 0:
         return
     cdef const float *g
-    cdef float *o
-    cdef float v
     with nogil:
         for r in range(rows):
             g = &gate_up[0, 0] + r * gs
-            o = &out[0, 0] + r * os
-            for i in range(f):
-                v = max(g[i], <float>0.0)
-                o[i] = (v * v) * g[f + i]
+            fo_relu2_gate(g, g + f, &out[0, 0] + r * os, f)
 
 
 def silu_gate(const float[:, :] gate_up, float[:, :] out) -> None:

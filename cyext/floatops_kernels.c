@@ -219,3 +219,31 @@ void fo_attend(const float *q, const float *k, const float *v, ptrdiff_t n_pos, 
     float inv = 1.0f / total;
     for (ptrdiff_t d = 0; d < head_dim; d++) out[d] = out[d] * inv;
 }
+
+double fo_sum_squares(const float *x, ptrdiff_t n) {
+    double lane[8] = {0};
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) lane[j] += (double)x[i + j] * (double)x[i + j];
+    for (int j = 0; i < n; i++, j++) lane[j] += (double)x[i] * (double)x[i];
+    for (int w = 4; w > 0; w /= 2)
+        for (int j = 0; j < w; j++) lane[j] += lane[j + w];
+    return lane[0];
+}
+
+void fo_relu2_gate(const float *restrict gate, const float *restrict up, float *restrict out, ptrdiff_t n) {
+    ptrdiff_t i = 0;
+#if FO_X86
+    /* gcc will not if-convert the select under IEEE trapping rules; maxps(g, 0) is the same select
+       (it returns 0 for g <= 0 and for NaN, like the scalar line below). SSE is baseline on x86-64. */
+    const __m128 zero = _mm_setzero_ps();
+    for (; i + 4 <= n; i += 4) {
+        __m128 v = _mm_max_ps(_mm_loadu_ps(gate + i), zero);
+        _mm_storeu_ps(out + i, _mm_mul_ps(_mm_mul_ps(v, v), _mm_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < n; i++) {
+        float v = gate[i] > 0.0f ? gate[i] : 0.0f;
+        out[i] = (v * v) * up[i];
+    }
+}

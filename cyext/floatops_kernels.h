@@ -38,4 +38,10 @@ void fo_dot4_f16(const float *const x[4], const uint16_t *b, ptrdiff_t n, float 
 void fo_attend(const float *q, const float *k, const float *v, ptrdiff_t n_pos, ptrdiff_t pos_stride,
                ptrdiff_t head_dim, float scale, float *scores, float *out);
 
+/* Sum of x[i]^2 in float64: 8 lanes (lane j takes i = j mod 8, tail to lanes 0, 1, ...), folded as a
+ * tree (w = 4, 2, 1), so the order is fixed and the loop vectorises. */
+double fo_sum_squares(const float *x, ptrdiff_t n);
+/* out = relu(gate)^2 * up, as (v * v) * up with v = gate > 0 ? gate : 0. */
+void fo_relu2_gate(const float *restrict gate, const float *restrict up, float *restrict out, ptrdiff_t n);
+
 #endif
