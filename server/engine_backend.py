@@ -91,7 +91,6 @@ class EngineBackend:
         state = self.engine.new_sequence(checked.prompt_ids, checked.params)
         return Sequence(
             prompt_ids=state.prompt_ids,
-            max_tokens=checked.params.max_tokens,
             decoder=state,
             channel=channel,
             tag=tag,

@@ -92,7 +92,6 @@ class Sequence:
     """One request inside the scheduler. Other threads may only read it, or call `cancel()`."""
 
     prompt_ids: list[int]
-    max_tokens: int
     decoder: SequenceDecoder
     channel: queue.Queue
     tag: int = 0

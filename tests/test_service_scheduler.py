@@ -18,7 +18,7 @@ def engine(service_weights) -> Engine:
 
 def make_sequence(engine: Engine, prompt, params: SamplingParams, tag: int = 0, **extra) -> Sequence:
     state = engine.new_sequence(prompt, params)
-    return Sequence(state.prompt_ids, params.max_tokens, state, queue.Queue(), tag=tag, **extra)
+    return Sequence(state.prompt_ids, state, queue.Queue(), tag=tag, **extra)
 
 
 def drain(seq: Sequence, timeout: float = 60.0) -> list:
