@@ -58,6 +58,15 @@ static float dot_f16_portable(const float *a, const uint16_t *b, ptrdiff_t n) {
 }
 
 #if FO_X86
+/* The tree fold of fold_lanes() done in registers: w = 8 is lo + hi, w = 4 adds the 128-bit halves,
+   w = 2 and w = 1 pair the remaining lanes. Same additions, same bits. */
+__attribute__((target("avx2"))) static inline float fold_avx2(__m256 lo, __m256 hi) {
+    __m256 s8 = _mm256_add_ps(lo, hi);
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
 /* Lanes 0-7 live in lo, 8-15 in hi; multiply and add are separate instructions (no FMA), as in C. */
 __attribute__((target("avx2"))) static float dot_f32_avx2(const float *a, const float *b, ptrdiff_t n) {
     __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
@@ -66,6 +75,7 @@ __attribute__((target("avx2"))) static float dot_f32_avx2(const float *a, const 
         lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
         hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8)));
     }
+    if (i == n) return fold_avx2(lo, hi);
     float lane[FO_LANES];
     _mm256_storeu_ps(lane, lo);
     _mm256_storeu_ps(lane + 8, hi);
@@ -83,6 +93,7 @@ __attribute__((target("avx2,f16c"))) static float dot_f16_avx2(const float *a, c
         lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(a + i), b_lo));
         hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_loadu_ps(a + i + 8), b_hi));
     }
+    if (i == n) return fold_avx2(lo, hi);
     float lane[FO_LANES];
     _mm256_storeu_ps(lane, lo);
     _mm256_storeu_ps(lane + 8, hi);
@@ -103,7 +114,8 @@ __attribute__((target("avx2,f16c"))) static float dot_f16_avx2(const float *a, c
             hi[r] = _mm256_add_ps(hi[r], _mm256_mul_ps(_mm256_loadu_ps(x[r] + i + 8), w_hi));       \
         }                                                                                           \
     }                                                                                               \
-    for (int r = 0; r < 4; r++) {                                                                   \
+    for (int r = 0; r < 4 && i == n; r++) out[r] = fold_avx2(lo[r], hi[r]);                        \
+    for (int r = 0; r < 4 && i < n; r++) {                                                          \
         float lane[FO_LANES];                                                                       \
         _mm256_storeu_ps(lane, lo[r]);                                                              \
         _mm256_storeu_ps(lane + 8, hi[r]);                                                          \
@@ -142,6 +154,53 @@ __attribute__((target("avx2"))) static void axpy_avx2(float *out, float p, const
         _mm256_storeu_ps(out + d,
                          _mm256_add_ps(_mm256_loadu_ps(out + d), _mm256_mul_ps(pv, _mm256_loadu_ps(v + d))));
     for (; d < n; d++) out[d] = out[d] + p * v[d];
+}
+#endif
+
+#if FO_X86
+/* One query against four key rows (each with its own lanes, as dot_f32_avx2). */
+__attribute__((target("avx2"))) static void dot_q4_avx2(const float *q, const float *k, ptrdiff_t stride,
+                                                        ptrdiff_t n, float out[4]) {
+    __m256 lo[4], hi[4];
+    for (int r = 0; r < 4; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+    ptrdiff_t i = 0;
+    for (; i + FO_LANES <= n; i += FO_LANES) {
+        __m256 q_lo = _mm256_loadu_ps(q + i), q_hi = _mm256_loadu_ps(q + i + 8);
+        for (int r = 0; r < 4; r++) {
+            lo[r] = _mm256_add_ps(lo[r], _mm256_mul_ps(q_lo, _mm256_loadu_ps(k + r * stride + i)));
+            hi[r] = _mm256_add_ps(hi[r], _mm256_mul_ps(q_hi, _mm256_loadu_ps(k + r * stride + i + 8)));
+        }
+    }
+    if (i == n) {
+        for (int r = 0; r < 4; r++) out[r] = fold_avx2(lo[r], hi[r]);
+        return;
+    }
+    for (int r = 0; r < 4; r++) {
+        float lane[FO_LANES];
+        _mm256_storeu_ps(lane, lo[r]);
+        _mm256_storeu_ps(lane + 8, hi[r]);
+        for (ptrdiff_t t = i, j = 0; t < n; t++, j++) lane[j] += q[t] * k[r * stride + t];
+        out[r] = fold_lanes(lane);
+    }
+}
+
+/* Four axpy steps in position order, keeping each out vector in a register between them. */
+__attribute__((target("avx2"))) static void axpy4_avx2(float *out, const float *p, const float *v,
+                                                       ptrdiff_t stride, ptrdiff_t n) {
+    __m256 p0 = _mm256_set1_ps(p[0]), p1 = _mm256_set1_ps(p[1]);
+    __m256 p2 = _mm256_set1_ps(p[2]), p3 = _mm256_set1_ps(p[3]);
+    ptrdiff_t d = 0;
+    for (; d + 8 <= n; d += 8) {
+        __m256 o = _mm256_loadu_ps(out + d);
+        o = _mm256_add_ps(o, _mm256_mul_ps(p0, _mm256_loadu_ps(v + d)));
+        o = _mm256_add_ps(o, _mm256_mul_ps(p1, _mm256_loadu_ps(v + stride + d)));
+        o = _mm256_add_ps(o, _mm256_mul_ps(p2, _mm256_loadu_ps(v + 2 * stride + d)));
+        o = _mm256_add_ps(o, _mm256_mul_ps(p3, _mm256_loadu_ps(v + 3 * stride + d)));
+        _mm256_storeu_ps(out + d, o);
+    }
+    for (; d < n; d++)
+        out[d] = (((out[d] + p[0] * v[d]) + p[1] * v[stride + d]) + p[2] * v[2 * stride + d]) +
+                 p[3] * v[3 * stride + d];
 }
 #endif
 
@@ -206,16 +265,27 @@ void fo_attend(const float *q, const float *k, const float *v, ptrdiff_t n_pos, 
     }
 #endif
     float max_score = -INFINITY, total = 0.0f;
-    for (ptrdiff_t t = 0; t < n_pos; t++) {
-        scores[t] = dot(q, k + t * pos_stride, head_dim) * scale;
+    ptrdiff_t t = 0;
+#if FO_X86
+    if (g_path == 1)
+        for (; t + 4 <= n_pos; t += 4) dot_q4_avx2(q, k + t * pos_stride, pos_stride, head_dim, scores + t);
+#endif
+    for (; t < n_pos; t++) scores[t] = dot(q, k + t * pos_stride, head_dim);
+    for (t = 0; t < n_pos; t++) {
+        scores[t] = scores[t] * scale;
         if (scores[t] > max_score) max_score = scores[t];
     }
-    for (ptrdiff_t t = 0; t < n_pos; t++) {
+    for (t = 0; t < n_pos; t++) {
         scores[t] = expf(scores[t] - max_score);
         total = total + scores[t];
     }
     for (ptrdiff_t d = 0; d < head_dim; d++) out[d] = 0.0f;
-    for (ptrdiff_t t = 0; t < n_pos; t++) axpy(out, scores[t], v + t * pos_stride, head_dim);
+    t = 0;
+#if FO_X86
+    if (g_path == 1)
+        for (; t + 4 <= n_pos; t += 4) axpy4_avx2(out, scores + t, v + t * pos_stride, pos_stride, head_dim);
+#endif
+    for (; t < n_pos; t++) axpy(out, scores[t], v + t * pos_stride, head_dim);
     float inv = 1.0f / total;
     for (ptrdiff_t d = 0; d < head_dim; d++) out[d] = out[d] * inv;
 }

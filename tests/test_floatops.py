@@ -218,3 +218,24 @@ def test_non_contiguous_rows_are_refused():
     x = np.zeros((2, 16), np.float32)[:, ::2]
     with pytest.raises(ValueError, match="contiguous"):
         floatops.rmsnorm(x, np.ones(8, np.float32), 1e-5, np.empty((2, 8), np.float32))
+
+
+@pytest.mark.parametrize("head_dim", [16, 40, 96])
+def test_attention_paths_agree_and_match_reference(head_dim):
+    rng = np.random.default_rng(head_dim)
+    k_cache, v_cache = make_cache(rng, n_slots=2, ctx=70, n_kv=2, head_dim=head_dim)
+    q = rand(rng, 6, 4 * head_dim)
+    slots = np.array([0, 1, 1, 0, 1, 0], np.int32)
+    positions = np.array([0, 2, 3, 4, 37, 69], np.int32)  # position counts around multiples of 4
+    scratch = np.empty((2, 70), np.float32)
+    results = []
+    for path in floatops.kernel_paths():
+        floatops.set_kernel_path(path)
+        out = np.empty_like(q)
+        floatops.attention(q, k_cache, v_cache, slots, positions, out, scratch)
+        results.append(out)
+    floatops.set_kernel_path(floatops.kernel_paths()[-1])
+    for other in results[1:]:
+        np.testing.assert_array_equal(other, results[0])
+    expected = ref.attention(q, k_cache, v_cache, slots, positions)
+    np.testing.assert_allclose(results[0], expected, rtol=1e-5, atol=2e-6)
