@@ -73,11 +73,11 @@ def test_logprobs_stop_strings_and_seeds(server) -> None:
         assert len(lp.top) == 3 and lp.top[0].logprob >= lp.top[1].logprob >= lp.top[2].logprob
     # A stop string taken from the text just generated ends the stream there, without the string.
     text = "".join(m.text for m in a)
-    stop = text[len(text) // 2 :][:2]
-    if stop.strip():
-        c = list(server.stub.Generate(pb.GenerateRequest(**base, stop=[stop])))
-        assert c[-1].finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
-        assert stop not in "".join(m.text for m in c)
+    stop = next(ch for ch in text[len(text) // 2 :] if not ch.isspace())
+    c = list(server.stub.Generate(pb.GenerateRequest(**base, stop=[stop])))
+    assert c[-1].finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
+    c_text = "".join(m.text for m in c)
+    assert stop not in c_text and text.startswith(c_text)
 
 
 def test_chat_tokenize_detokenize_and_model_info(server) -> None:
