@@ -71,6 +71,15 @@ def test_same_ternary_values_as_hf_packed(loaded, kind):
         np.testing.assert_array_equal(ours.float_tensors[name], array, err_msg=name)
 
 
+def test_i2s_same_ternary_values_as_tq2_0(loaded):
+    """Our I2_S (one f32 scale per tensor) and the gguf package's TQ2_0 (f16 scale per 256-block)."""
+    i2s, tq2 = loaded["I2_S"].ternary, loaded["TQ2_0"].ternary
+    assert i2s.keys() == tq2.keys()
+    for name, t in tq2.items():
+        np.testing.assert_array_equal(i2s[name].codes, t.codes, err_msg=name)
+        assert i2s[name].scale == t.scale, name
+
+
 @pytest.mark.parametrize("kind", sorted(TWINS))
 def test_twin_matches_llama_cpp(loaded, kind):
     golden = load_golden(f"llama_twin_{kind.lower()}")
