@@ -33,8 +33,8 @@ cdef extern from "floatops_kernels.h" nogil:
     float fo_dot_f32(const float *a, const float *b, Py_ssize_t n)
     float fo_dot_f16(const float *a, const uint16_t *b, Py_ssize_t n)
     float fo_half_to_float(uint16_t h)
-    void fo_dot4_f32(const float **x, const float *b, Py_ssize_t n, float *out)
-    void fo_dot4_f16(const float **x, const uint16_t *b, Py_ssize_t n, float *out)
+    void fo_head_rows(const float *x, Py_ssize_t xs, Py_ssize_t rows, const void *w, Py_ssize_t n_w,
+                      int half, Py_ssize_t n, float *out, Py_ssize_t os)
     double fo_sum_squares(const float *x, Py_ssize_t n)
     void fo_relu2_gate(const float *gate, const float *up, float *out, Py_ssize_t n)
     void fo_attend(const float *q, const float *k, const float *v, Py_ssize_t n_pos, Py_ssize_t pos_stride,
@@ -46,6 +46,9 @@ _PATH_NAMES = ("portable", "avx2")
 cdef int _num_threads = max(1, openmp.omp_get_max_threads())
 # Rows below this run on the calling thread: an OpenMP region costs more than a few short rows.
 cdef int _PARALLEL_MIN_ROWS = 4
+# Output-head weight rows per work item: small enough to stay in L2 while each group of four activation
+# rows passes over them, large enough to amortise scheduling.
+cdef Py_ssize_t _HEAD_BLOCK = 64
 
 fo_select_path(fo_best_path())
 
@@ -314,33 +317,9 @@ def attention(const float[:, :] q, const float[:, :, :, ::1] k_cache, const floa
 # Output head and embedding lookup
 
 
-cdef void _head_column(const float *x, Py_ssize_t xs, Py_ssize_t rows, const void *w_row, bint half,
-                       Py_ssize_t d, float *out, Py_ssize_t os) noexcept nogil:
-    """out[r * os] = dot(x[r], w_row) for all rows, four rows per pass over the weight row."""
-    cdef const float *group[4]
-    cdef float res[4]
-    cdef Py_ssize_t r = 0, j
-    while r + 4 <= rows:
-        for j in range(4):
-            group[j] = x + (r + j) * xs
-        if half:
-            fo_dot4_f16(group, <const uint16_t *>w_row, d, res)
-        else:
-            fo_dot4_f32(group, <const float *>w_row, d, res)
-        for j in range(4):
-            out[(r + j) * os] = res[j]
-        r += 4
-    while r < rows:
-        if half:
-            out[r * os] = fo_dot_f16(x + r * xs, <const uint16_t *>w_row, d)
-        else:
-            out[r * os] = fo_dot_f32(x + r * xs, <const float *>w_row, d)
-        r += 1
-
-
 def matmul_rows(const float[:, :] x, const float[:, ::1] w, float[:, :] out) -> None:
     """out[r, v] = dot(x[r], w[v]) for x [rows, d], w [vocab, d] float32 (fixed-order dot per entry)."""
-    cdef Py_ssize_t rows = x.shape[0], d = x.shape[1], n = w.shape[0], v
+    cdef Py_ssize_t rows = x.shape[0], d = x.shape[1], n = w.shape[0], v, block
     if w.shape[1] != d:
         raise ValueError(f"w has rows of {w.shape[1]}, x has rows of {d}")
     _check_rows(out, rows, n, "out")
@@ -350,13 +329,15 @@ def matmul_rows(const float[:, :] x, const float[:, ::1] w, float[:, :] out) -> 
     cdef const float *px = &x[0, 0]
     cdef const float *pw = &w[0, 0]
     cdef float *po = &out[0, 0]
-    for v in prange(n, nogil=True, schedule="static", num_threads=_num_threads):
-        _head_column(px, xs, rows, pw + v * d, False, d, po + v, os)
+    for block in prange((n + _HEAD_BLOCK - 1) // _HEAD_BLOCK, nogil=True, schedule="static",
+                        num_threads=_num_threads):
+        v = block * _HEAD_BLOCK
+        fo_head_rows(px, xs, rows, pw + v * d, min(_HEAD_BLOCK, n - v), 0, d, po + v, os)
 
 
 def matmul_rows_f16(const float[:, :] x, const uint16_t[:, ::1] w, float[:, :] out) -> None:
     """As matmul_rows, with w stored as IEEE half bit patterns (widened exactly to float32)."""
-    cdef Py_ssize_t rows = x.shape[0], d = x.shape[1], n = w.shape[0], v
+    cdef Py_ssize_t rows = x.shape[0], d = x.shape[1], n = w.shape[0], v, block
     if w.shape[1] != d:
         raise ValueError(f"w has rows of {w.shape[1]}, x has rows of {d}")
     _check_rows(out, rows, n, "out")
@@ -366,8 +347,10 @@ def matmul_rows_f16(const float[:, :] x, const uint16_t[:, ::1] w, float[:, :] o
     cdef const float *px = &x[0, 0]
     cdef const uint16_t *pw = &w[0, 0]
     cdef float *po = &out[0, 0]
-    for v in prange(n, nogil=True, schedule="static", num_threads=_num_threads):
-        _head_column(px, xs, rows, pw + v * d, True, d, po + v, os)
+    for block in prange((n + _HEAD_BLOCK - 1) // _HEAD_BLOCK, nogil=True, schedule="static",
+                        num_threads=_num_threads):
+        v = block * _HEAD_BLOCK
+        fo_head_rows(px, xs, rows, pw + v * d, min(_HEAD_BLOCK, n - v), 1, d, po + v, os)
 
 
 def embed_rows_f16(const uint16_t[:, ::1] table, const int[::1] tokens, float[:, :] out) -> None:

@@ -202,6 +202,7 @@ __attribute__((target("avx2"))) static void axpy4_avx2(float *out, const float *
         out[d] = (((out[d] + p[0] * v[d]) + p[1] * v[stride + d]) + p[2] * v[2 * stride + d]) +
                  p[3] * v[3 * stride + d];
 }
+
 #endif
 
 int fo_best_path(void) {
@@ -222,21 +223,21 @@ int fo_current_path(void) { return g_path; }
 
 float fo_dot_f32(const float *a, const float *b, ptrdiff_t n) {
 #if FO_X86
-    if (g_path == 1) return dot_f32_avx2(a, b, n);
+    if (g_path >= 1) return dot_f32_avx2(a, b, n);
 #endif
     return dot_f32_portable(a, b, n);
 }
 
 float fo_dot_f16(const float *a, const uint16_t *b, ptrdiff_t n) {
 #if FO_X86
-    if (g_path == 1) return dot_f16_avx2(a, b, n);
+    if (g_path >= 1) return dot_f16_avx2(a, b, n);
 #endif
     return dot_f16_portable(a, b, n);
 }
 
 void fo_dot4_f32(const float *const x[4], const float *b, ptrdiff_t n, float out[4]) {
 #if FO_X86
-    if (g_path == 1) {
+    if (g_path >= 1) {
         dot4_f32_avx2(x, b, n, out);
         return;
     }
@@ -246,7 +247,7 @@ void fo_dot4_f32(const float *const x[4], const float *b, ptrdiff_t n, float out
 
 void fo_dot4_f16(const float *const x[4], const uint16_t *b, ptrdiff_t n, float out[4]) {
 #if FO_X86
-    if (g_path == 1) {
+    if (g_path >= 1) {
         dot4_f16_avx2(x, b, n, out);
         return;
     }
@@ -259,7 +260,7 @@ void fo_attend(const float *q, const float *k, const float *v, ptrdiff_t n_pos, 
     float (*dot)(const float *, const float *, ptrdiff_t) = dot_f32_portable;
     void (*axpy)(float *, float, const float *, ptrdiff_t) = axpy_portable;
 #if FO_X86
-    if (g_path == 1) {
+    if (g_path >= 1) {
         dot = dot_f32_avx2;
         axpy = axpy_avx2;
     }
@@ -267,7 +268,7 @@ void fo_attend(const float *q, const float *k, const float *v, ptrdiff_t n_pos, 
     float max_score = -INFINITY, total = 0.0f;
     ptrdiff_t t = 0;
 #if FO_X86
-    if (g_path == 1)
+    if (g_path >= 1)
         for (; t + 4 <= n_pos; t += 4) dot_q4_avx2(q, k + t * pos_stride, pos_stride, head_dim, scores + t);
 #endif
     for (; t < n_pos; t++) scores[t] = dot(q, k + t * pos_stride, head_dim);
@@ -282,7 +283,7 @@ void fo_attend(const float *q, const float *k, const float *v, ptrdiff_t n_pos, 
     for (ptrdiff_t d = 0; d < head_dim; d++) out[d] = 0.0f;
     t = 0;
 #if FO_X86
-    if (g_path == 1)
+    if (g_path >= 1)
         for (; t + 4 <= n_pos; t += 4) axpy4_avx2(out, scores + t, v + t * pos_stride, pos_stride, head_dim);
 #endif
     for (; t < n_pos; t++) axpy(out, scores[t], v + t * pos_stride, head_dim);
@@ -316,4 +317,27 @@ void fo_relu2_gate(const float *restrict gate, const float *restrict up, float *
         float v = gate[i] > 0.0f ? gate[i] : 0.0f;
         out[i] = (v * v) * up[i];
     }
+}
+
+void fo_head_rows(const float *x, ptrdiff_t xs, ptrdiff_t rows, const void *w, ptrdiff_t n_w, int half,
+                  ptrdiff_t n, float *out, ptrdiff_t os) {
+    /* Row groups outside, weight rows inside: a group of four activation rows stays in L1 while the
+       block of weight rows streams past it (from memory once, then from L2 for the next groups). */
+    const float *w32 = (const float *)w;
+    const uint16_t *w16 = (const uint16_t *)w;
+    ptrdiff_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        const float *group[4] = {x + r * xs, x + (r + 1) * xs, x + (r + 2) * xs, x + (r + 3) * xs};
+        for (ptrdiff_t v = 0; v < n_w; v++) {
+            float res[4];
+            if (half)
+                fo_dot4_f16(group, w16 + v * n, n, res);
+            else
+                fo_dot4_f32(group, w32 + v * n, n, res);
+            for (int j = 0; j < 4; j++) out[(r + j) * os + v] = res[j];
+        }
+    }
+    for (; r < rows; r++)
+        for (ptrdiff_t v = 0; v < n_w; v++)
+            out[r * os + v] = half ? fo_dot_f16(x + r * xs, w16 + v * n, n) : fo_dot_f32(x + r * xs, w32 + v * n, n);
 }

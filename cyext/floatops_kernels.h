@@ -17,7 +17,8 @@
 
 #define FO_LANES 16
 
-/* 0 = portable C, 1 = AVX2 (+F16C). fo_select_path() clamps to what the CPU supports. */
+/* 0 = portable C, 1 = AVX2 (+F16C). fo_select_path() clamps to what the CPU supports. (An AVX-512
+ * variant measured no faster here: the head is bound by memory and L2 traffic, not arithmetic.) */
 int fo_best_path(void);
 int fo_select_path(int path);
 int fo_current_path(void);
@@ -37,6 +38,11 @@ void fo_dot4_f16(const float *const x[4], const uint16_t *b, ptrdiff_t n, float 
  * scores needs n_pos floats of scratch. */
 void fo_attend(const float *q, const float *k, const float *v, ptrdiff_t n_pos, ptrdiff_t pos_stride,
                ptrdiff_t head_dim, float scale, float *scores, float *out);
+
+/* out[r * os + v] = dot(x + r * xs, w + v * n) for r < rows, v < n_w: a block of the output head.
+ * w is float32, or IEEE half bits if `half`. Each entry is one fixed-order dot product. */
+void fo_head_rows(const float *x, ptrdiff_t xs, ptrdiff_t rows, const void *w, ptrdiff_t n_w, int half,
+                  ptrdiff_t n, float *out, ptrdiff_t os);
 
 /* Sum of x[i]^2 in float64: 8 lanes (lane j takes i = j mod 8, tail to lanes 0, 1, ...), folded as a
  * tree (w = 4, 2, 1), so the order is fixed and the loop vectorises. */

@@ -21,8 +21,8 @@ def rand(rng, *shape, scale=1.0):
 @pytest.mark.parametrize("d", [1, 15, 16, 17, 100, 2560])
 def test_matmul_rows_is_the_documented_fixed_order(kernel_path, d):
     rng = np.random.default_rng(d)
-    x, w = rand(rng, 5, d), rand(rng, 37, d)
-    out = np.empty((5, 37), np.float32)
+    x, w = rand(rng, 13, d), rand(rng, 37, d)  # 13 rows: groups of 8 and 4 and a single row
+    out = np.empty((13, 37), np.float32)
     floatops.matmul_rows(x, w, out)
     np.testing.assert_array_equal(out, ref.matmul_rows(x, w))
     np.testing.assert_allclose(out, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-4, atol=1e-4)
@@ -30,11 +30,11 @@ def test_matmul_rows_is_the_documented_fixed_order(kernel_path, d):
 
 def test_matmul_rows_f16_equals_f32_on_the_widened_table(kernel_path):
     rng = np.random.default_rng(1)
-    x = rand(rng, 3, 70)
+    x = rand(rng, 13, 70)
     w16 = rand(rng, 50, 70).astype(np.float16)
     w16[0, :4] = [np.float16(6e-8), np.float16(-1e-5), np.float16(65504), np.float16(-0.0)]  # subnormals, max
-    out16 = np.empty((3, 50), np.float32)
-    out32 = np.empty((3, 50), np.float32)
+    out16 = np.empty((13, 50), np.float32)
+    out32 = np.empty((13, 50), np.float32)
     floatops.matmul_rows_f16(x, w16.view(np.uint16), out16)
     floatops.matmul_rows(x, w16.astype(np.float32), out32)
     np.testing.assert_array_equal(out16, out32)
@@ -60,16 +60,21 @@ def test_matmul_rows_batch_and_thread_invariant():
 
 def test_kernel_paths_agree_bit_for_bit():
     rng = np.random.default_rng(3)
-    x, w = rand(rng, 4, 2048 + 7), rand(rng, 64, 2048 + 7)
     results = []
-    for path in floatops.kernel_paths():
-        floatops.set_kernel_path(path)
-        out = np.empty((4, 64), np.float32)
-        floatops.matmul_rows(x, w, out)
-        results.append(out)
+    for d in (2048, 2048 + 7):
+        x, w = rand(rng, 13, d), rand(rng, 64, d)
+        for path in floatops.kernel_paths():
+            floatops.set_kernel_path(path)
+            out = np.empty((13, 64), np.float32)
+            floatops.matmul_rows(x, w, out)
+            out16 = np.empty((13, 64), np.float32)
+            floatops.matmul_rows_f16(x, w.astype(np.float16).view(np.uint16), out16)
+            results.append((d, out, out16))
     floatops.set_kernel_path(floatops.kernel_paths()[-1])
-    for other in results[1:]:
-        np.testing.assert_array_equal(other, results[0])
+    for d, out, out16 in results:
+        first = next(r for r in results if r[0] == d)
+        np.testing.assert_array_equal(out, first[1])
+        np.testing.assert_array_equal(out16, first[2])
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
