@@ -30,6 +30,13 @@ static int64_t m_chunk(const tq_gemm_args *a) {
     return rows;
 }
 
+/* A real model's weights come from DRAM (they never fit the cache), and each weight byte is used once
+ * per call in decode. Asking for the line 16 KB ahead of every weight row stream, into L2, doubled
+ * the DRAM rate of the decode kernel on Zen 4 (about 8 -> 20 GB/s on one core); the hardware
+ * prefetcher alone does not run far enough ahead of four interleaved row streams. Prefetches past
+ * the end of the matrix are harmless (they never fault). */
+#define PREFETCH_WEIGHTS(p) _mm_prefetch((const char *)(p) + 256 * TQ_BLOCK_BYTES, _MM_HINT_T1)
+
 int tq_x86_cpu_has(int path) {
     __builtin_cpu_init();
     int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
@@ -66,6 +73,7 @@ TARGET_AVX2 TQ_INLINE void avx2_tile(const tq_gemm_args *a, int64_t m0, int64_t 
         for (int i = 0; i < MR; i++) s[i] = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
             __m256i raw = _mm256_loadu_si256((const __m256i *)(w + b * TQ_BLOCK_BYTES + 32 * h));
+            if (h == 0) PREFETCH_WEIGHTS(w + b * TQ_BLOCK_BYTES);
             __m256i c0 = _mm256_and_si256(raw, mask);
             __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(raw, 2), mask);
             __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
@@ -119,6 +127,7 @@ TARGET_AVX512BW TQ_INLINE void avx512bw_tile(const tq_gemm_args *a, int64_t m0, 
         __m512i c[2][4];
         for (int r = 0; r < NR; r++) {
             __m512i raw = _mm512_loadu_si512((const void *)(w[r] + b * TQ_BLOCK_BYTES));
+            PREFETCH_WEIGHTS(w[r] + b * TQ_BLOCK_BYTES);
             c[r][0] = _mm512_and_si512(raw, mask);
             c[r][1] = _mm512_and_si512(_mm512_srli_epi16(raw, 2), mask);
             c[r][2] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
@@ -211,6 +220,7 @@ TARGET_VNNI TQ_INLINE void vnni_row(const tq_gemm_args *a, int64_t m, int64_t n0
         __m512i x3 = _mm512_loadu_si512((const void *)(xb + 192));
         for (int r = 0; r < NR; r++) {
             __m512i raw = _mm512_loadu_si512((const void *)(w[r] + b * TQ_BLOCK_BYTES));
+            PREFETCH_WEIGHTS(w[r] + b * TQ_BLOCK_BYTES);
             DPBUSD(acc[r][0], _mm512_and_si512(raw, k0), x0);
             DPBUSD(acc[r][1], _mm512_and_si512(raw, k1), x1);
             DPBUSD(acc[r][2], _mm512_and_si512(raw, k2), x2);
@@ -244,6 +254,10 @@ TARGET_VNNI TQ_INLINE void vnni_tile_4x4(const tq_gemm_args *a, int64_t m0, int6
         const int64_t wo = b * TQ_BLOCK_BYTES, xo = b * TQ_BLOCK;
         __m512i r0 = _mm512_loadu_si512((const void *)(w0 + wo)), r1 = _mm512_loadu_si512((const void *)(w1 + wo));
         __m512i r2 = _mm512_loadu_si512((const void *)(w2 + wo)), r3 = _mm512_loadu_si512((const void *)(w3 + wo));
+        PREFETCH_WEIGHTS(w0 + wo);
+        PREFETCH_WEIGHTS(w1 + wo);
+        PREFETCH_WEIGHTS(w2 + wo);
+        PREFETCH_WEIGHTS(w3 + wo);
 #define TQ_SLICE(L)                                                                                       \
     {                                                                                                     \
         __m512i x0 = _mm512_loadu_si512((const void *)(p0 + xo + 64 * (L)));                              \
@@ -284,7 +298,10 @@ TARGET_VNNI TQ_INLINE void vnni_tile(const tq_gemm_args *a, int64_t m0, int64_t 
     }
     for (int64_t b = 0; b < a->n_blocks; b++) {
         __m512i raw[4];
-        for (int r = 0; r < NR; r++) raw[r] = _mm512_loadu_si512((const void *)(w[r] + b * TQ_BLOCK_BYTES));
+        for (int r = 0; r < NR; r++) {
+            raw[r] = _mm512_loadu_si512((const void *)(w[r] + b * TQ_BLOCK_BYTES));
+            PREFETCH_WEIGHTS(w[r] + b * TQ_BLOCK_BYTES);
+        }
         for (int l = 0; l < 4; l++) {
             __m512i xv[4];
             for (int i = 0; i < MR; i++) xv[i] = _mm512_loadu_si512((const void *)(x[i] + b * TQ_BLOCK + 64 * l));
