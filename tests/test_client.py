@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import socket
 import threading
@@ -452,3 +453,34 @@ def test_async_client_matches_the_sync_client(client, server):
     if got["chat"] is not None:
         assert got["chat"].text == client.chat([{"role": "user", "content": "Say hello."}], **GREEDY).text
     assert got["error"].code == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in got["error"].message
+
+
+# -- channel configuration (no server needed) -----------------------------------------------------------
+
+
+def test_several_targets_make_one_balanced_channel_with_bounded_retries():
+    from bitnet_grpc.client.channel import RetryPolicy, multi_address_target, resolve_channel
+
+    assert multi_address_target(["127.0.0.1:1", "127.0.0.2:2"]) == "ipv4:127.0.0.1:1,127.0.0.2:2"
+    assert multi_address_target(["[::1]:5", "[::1]:6"]) == "ipv6:[::1]:5,[::1]:6"
+    with pytest.raises(ValueError, match="mix"):
+        multi_address_target(["127.0.0.1:1", "[::1]:2"])
+    with pytest.raises(ValueError, match="host:port"):
+        multi_address_target(["127.0.0.1"])
+    target, options = resolve_channel(["127.0.0.1:1", "127.0.0.1:2"], RetryPolicy(retries=2))
+    config = json.loads(dict(options)["grpc.service_config"])
+    assert target == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    policy = config["methodConfig"][0]["retryPolicy"]
+    assert policy["maxAttempts"] == 3 and policy["retryableStatusCodes"] == ["UNAVAILABLE"]
+    _, options = resolve_channel("127.0.0.1:1", RetryPolicy(retries=1, resource_exhausted=True))
+    config = json.loads(dict(options)["grpc.service_config"])
+    assert "loadBalancingConfig" not in config  # one address: gRPC's default pick_first
+    assert config["methodConfig"][0]["retryPolicy"]["retryableStatusCodes"] == [
+        "UNAVAILABLE",
+        "RESOURCE_EXHAUSTED",
+    ]
+    _, options = resolve_channel("127.0.0.1:1", RetryPolicy(retries=0))
+    assert "methodConfig" not in json.loads(dict(options)["grpc.service_config"])
+    with pytest.raises(ValueError, match="retries"):
+        Client("127.0.0.1:1", retries=5)
