@@ -219,14 +219,17 @@ class Scheduler:
                     return
             try:
                 self._step()
-            except Exception:  # a bug must not leave clients hanging: fail what is in flight
+            except Exception:  # a bug must not kill the engine thread or leave clients hanging
                 log.exception("engine step failed; failing the sequences in flight")
                 now = time.monotonic()
                 with self._lock:
                     failed, self._active = self._active, []
                 for seq in failed:
-                    self._release(seq)
-                    self._finish(seq, Failed(Abort.INTERNAL, "engine step failed"), now)
+                    try:
+                        self._release(seq)
+                        self._finish(seq, Failed(Abort.INTERNAL, "engine step failed"), now)
+                    except Exception:
+                        log.exception("could not fail request %s", seq.request_id)
 
     def _step(self) -> None:
         now = time.monotonic()
