@@ -30,11 +30,11 @@ cdef extern from "floatops_kernels.h" nogil:
     int fo_best_path()
     int fo_select_path(int path)
     int fo_current_path()
-    float fo_dot_f32(const float *a, const float *b, Py_ssize_t n)
-    float fo_dot_f16(const float *a, const uint16_t *b, Py_ssize_t n)
+    int FO_W_F32, FO_W_F16, FO_W_BF16
     float fo_half_to_float(uint16_t h)
+    float fo_bf16_to_float(uint16_t h)
     void fo_head_rows(const float *x, Py_ssize_t xs, Py_ssize_t rows, const void *w, Py_ssize_t n_w,
-                      int half, Py_ssize_t n, float *out, Py_ssize_t os)
+                      int wtype, Py_ssize_t n, float *out, Py_ssize_t os)
     double fo_sum_squares(const float *x, Py_ssize_t n)
     void fo_relu2_gate(const float *gate, const float *up, float *out, Py_ssize_t n)
     void fo_attend(const float *q, const float *k, const float *v, Py_ssize_t n_pos, Py_ssize_t pos_stride,
@@ -317,44 +317,44 @@ def attention(const float[:, :] q, const float[:, :, :, ::1] k_cache, const floa
 # Output head and embedding lookup
 
 
-def matmul_rows(const float[:, :] x, const float[:, ::1] w, float[:, :] out) -> None:
-    """out[r, v] = dot(x[r], w[v]) for x [rows, d], w [vocab, d] float32 (fixed-order dot per entry)."""
-    cdef Py_ssize_t rows = x.shape[0], d = x.shape[1], n = w.shape[0], v, block
-    if w.shape[1] != d:
-        raise ValueError(f"w has rows of {w.shape[1]}, x has rows of {d}")
+cdef void _head(const float[:, :] x, const void *w, Py_ssize_t n, Py_ssize_t d, int wtype,
+                float[:, :] out) except *:
+    """out[r, v] = dot(x[r], row v of w) for the n rows of w (d elements of type wtype each)."""
+    cdef Py_ssize_t rows = x.shape[0], v, block
+    if x.shape[1] != d:
+        raise ValueError(f"w has rows of {d}, x has rows of {x.shape[1]}")
     _check_rows(out, rows, n, "out")
     cdef Py_ssize_t xs = _row_stride(x, "x"), os = _row_stride(out, "out")
+    cdef Py_ssize_t row_bytes = d * (4 if wtype == FO_W_F32 else 2)
     if rows == 0 or n == 0:
         return
     cdef const float *px = &x[0, 0]
-    cdef const float *pw = &w[0, 0]
+    cdef const char *pw = <const char *>w
     cdef float *po = &out[0, 0]
     for block in prange((n + _HEAD_BLOCK - 1) // _HEAD_BLOCK, nogil=True, schedule="static",
                         num_threads=_num_threads):
         v = block * _HEAD_BLOCK
-        fo_head_rows(px, xs, rows, pw + v * d, min(_HEAD_BLOCK, n - v), 0, d, po + v, os)
+        fo_head_rows(px, xs, rows, pw + v * row_bytes, min(_HEAD_BLOCK, n - v), wtype, d, po + v, os)
+
+
+def matmul_rows(const float[:, :] x, const float[:, ::1] w, float[:, :] out) -> None:
+    """out[r, v] = dot(x[r], w[v]) for x [rows, d], w [vocab, d] float32 (fixed-order dot per entry)."""
+    _head(x, &w[0, 0] if w.shape[0] * w.shape[1] else NULL, w.shape[0], w.shape[1], FO_W_F32, out)
 
 
 def matmul_rows_f16(const float[:, :] x, const uint16_t[:, ::1] w, float[:, :] out) -> None:
     """As matmul_rows, with w stored as IEEE half bit patterns (widened exactly to float32)."""
-    cdef Py_ssize_t rows = x.shape[0], d = x.shape[1], n = w.shape[0], v, block
-    if w.shape[1] != d:
-        raise ValueError(f"w has rows of {w.shape[1]}, x has rows of {d}")
-    _check_rows(out, rows, n, "out")
-    cdef Py_ssize_t xs = _row_stride(x, "x"), os = _row_stride(out, "out")
-    if rows == 0 or n == 0:
-        return
-    cdef const float *px = &x[0, 0]
-    cdef const uint16_t *pw = &w[0, 0]
-    cdef float *po = &out[0, 0]
-    for block in prange((n + _HEAD_BLOCK - 1) // _HEAD_BLOCK, nogil=True, schedule="static",
-                        num_threads=_num_threads):
-        v = block * _HEAD_BLOCK
-        fo_head_rows(px, xs, rows, pw + v * d, min(_HEAD_BLOCK, n - v), 1, d, po + v, os)
+    _head(x, &w[0, 0] if w.shape[0] * w.shape[1] else NULL, w.shape[0], w.shape[1], FO_W_F16, out)
 
 
-def embed_rows_f16(const uint16_t[:, ::1] table, const int[::1] tokens, float[:, :] out) -> None:
-    """out[r] = float32(table[tokens[r]]) for a half-precision embedding table."""
+def matmul_rows_bf16(const float[:, :] x, const uint16_t[:, ::1] w, float[:, :] out) -> None:
+    """As matmul_rows, with w stored as bfloat16 bit patterns (widened exactly to float32)."""
+    _head(x, &w[0, 0] if w.shape[0] * w.shape[1] else NULL, w.shape[0], w.shape[1], FO_W_BF16, out)
+
+
+def embed_rows_half(const uint16_t[:, ::1] table, const int[::1] tokens, float[:, :] out,
+                    bint bfloat16=False) -> None:
+    """out[r] = float32(table[tokens[r]]) for an embedding table of IEEE half (or bfloat16) bits."""
     cdef Py_ssize_t rows = tokens.shape[0], d = table.shape[1], r, i
     _check_rows(out, rows, d, "out")
     for r in range(rows):
@@ -367,4 +367,7 @@ def embed_rows_f16(const uint16_t[:, ::1] table, const int[::1] tokens, float[:,
     with nogil:
         for r in range(rows):
             for i in range(d):
-                po[r * os + i] = fo_half_to_float(table[tokens[r], i])
+                if bfloat16:
+                    po[r * os + i] = fo_bf16_to_float(table[tokens[r], i])
+                else:
+                    po[r * os + i] = fo_half_to_float(table[tokens[r], i])

@@ -1,4 +1,4 @@
-/* Fixed-order float dot products (see floatops_kernels.h for the order every path must follow). */
+/* Fixed-order float kernels (see floatops_kernels.h for the order every path must follow). */
 #include "floatops_kernels.h"
 
 #include <math.h>
@@ -12,6 +12,8 @@
 #endif
 
 static int g_path = 0; /* portable until fo_select_path() says otherwise */
+
+/* ---- weight element types: float32, IEEE half, bfloat16 (both widen to float exactly) ---------- */
 
 float fo_half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
@@ -32,6 +34,17 @@ float fo_half_to_float(uint16_t h) {
     return f;
 }
 
+float fo_bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline float elem_f32(const void *w, ptrdiff_t i) { return ((const float *)w)[i]; }
+static inline float elem_f16(const void *w, ptrdiff_t i) { return fo_half_to_float(((const uint16_t *)w)[i]); }
+static inline float elem_bf16(const void *w, ptrdiff_t i) { return fo_bf16_to_float(((const uint16_t *)w)[i]); }
+
 /* Fold the lanes in the documented tree order. */
 static inline float fold_lanes(float *lane) {
     for (int w = FO_LANES / 2; w > 0; w /= 2)
@@ -39,23 +52,23 @@ static inline float fold_lanes(float *lane) {
     return lane[0];
 }
 
-static float dot_f32_portable(const float *a, const float *b, ptrdiff_t n) {
-    float lane[FO_LANES] = {0};
-    ptrdiff_t i = 0;
-    for (; i + FO_LANES <= n; i += FO_LANES)
-        for (int j = 0; j < FO_LANES; j++) lane[j] += a[i + j] * b[i + j];
-    for (int j = 0; i < n; i++, j++) lane[j] += a[i] * b[i];
-    return fold_lanes(lane);
-}
+/* ---- portable dot products ------------------------------------------------------------------- */
 
-static float dot_f16_portable(const float *a, const uint16_t *b, ptrdiff_t n) {
-    float lane[FO_LANES] = {0};
-    ptrdiff_t i = 0;
-    for (; i + FO_LANES <= n; i += FO_LANES)
-        for (int j = 0; j < FO_LANES; j++) lane[j] += a[i + j] * fo_half_to_float(b[i + j]);
-    for (int j = 0; i < n; i++, j++) lane[j] += a[i] * fo_half_to_float(b[i]);
-    return fold_lanes(lane);
-}
+#define FO_PORTABLE_DOT(NAME, ELEM)                                                                  \
+    static float NAME(const float *a, const void *b, ptrdiff_t n) {                                  \
+        float lane[FO_LANES] = {0};                                                                  \
+        ptrdiff_t i = 0;                                                                             \
+        for (; i + FO_LANES <= n; i += FO_LANES)                                                     \
+            for (int j = 0; j < FO_LANES; j++) lane[j] += a[i + j] * ELEM(b, i + j);                 \
+        for (int j = 0; i < n; i++, j++) lane[j] += a[i] * ELEM(b, i);                               \
+        return fold_lanes(lane);                                                                     \
+    }
+FO_PORTABLE_DOT(dot_f32_portable, elem_f32)
+FO_PORTABLE_DOT(dot_f16_portable, elem_f16)
+FO_PORTABLE_DOT(dot_bf16_portable, elem_bf16)
+
+/* ---- AVX2 dot products: lanes 0-7 in one register, 8-15 in another; mul and add stay separate
+ * instructions (no FMA), exactly as the portable C computes them. ------------------------------- */
 
 #if FO_X86
 /* The tree fold of fold_lanes() done in registers: w = 8 is lo + hi, w = 4 adds the 128-bit halves,
@@ -67,98 +80,48 @@ __attribute__((target("avx2"))) static inline float fold_avx2(__m256 lo, __m256 
     return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
 }
 
-/* Lanes 0-7 live in lo, 8-15 in hi; multiply and add are separate instructions (no FMA), as in C. */
-__attribute__((target("avx2"))) static float dot_f32_avx2(const float *a, const float *b, ptrdiff_t n) {
-    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-    ptrdiff_t i = 0;
-    for (; i + FO_LANES <= n; i += FO_LANES) {
-        lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
-        hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8)));
-    }
-    if (i == n) return fold_avx2(lo, hi);
-    float lane[FO_LANES];
-    _mm256_storeu_ps(lane, lo);
-    _mm256_storeu_ps(lane + 8, hi);
-    for (int j = 0; i < n; i++, j++) lane[j] += a[i] * b[i];
-    return fold_lanes(lane);
-}
+/* Eight weights from element i on, widened to float. */
+#define LOAD_F32(b, i) _mm256_loadu_ps((const float *)(b) + (i))
+#define LOAD_F16(b, i) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)(b) + (i))))
+#define LOAD_BF16(b, i)                                                                              \
+    _mm256_castsi256_ps(                                                                             \
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)(b) + (i)))), 16))
 
-__attribute__((target("avx2,f16c"))) static float dot_f16_avx2(const float *a, const uint16_t *b,
-                                                                ptrdiff_t n) {
-    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-    ptrdiff_t i = 0;
-    for (; i + FO_LANES <= n; i += FO_LANES) {
-        __m256 b_lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i)));
-        __m256 b_hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i + 8)));
-        lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(a + i), b_lo));
-        hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_loadu_ps(a + i + 8), b_hi));
-    }
-    if (i == n) return fold_avx2(lo, hi);
-    float lane[FO_LANES];
-    _mm256_storeu_ps(lane, lo);
-    _mm256_storeu_ps(lane + 8, hi);
-    for (int j = 0; i < n; i++, j++) lane[j] += a[i] * fo_half_to_float(b[i]);
-    return fold_lanes(lane);
-}
-
-/* Four activation rows against one weight row: each row keeps its own 16 lanes (same order as
-   dot_f32_avx2), the weight vector is loaded once; eight independent add chains hide latency. */
-#define FO_DOT4_BODY(LOAD_W)                                                                        \
-    __m256 lo[4], hi[4];                                                                            \
-    for (int r = 0; r < 4; r++) lo[r] = hi[r] = _mm256_setzero_ps();                               \
-    ptrdiff_t i = 0;                                                                                \
-    for (; i + FO_LANES <= n; i += FO_LANES) {                                                      \
-        __m256 w_lo = LOAD_W(i), w_hi = LOAD_W(i + 8);                                              \
-        for (int r = 0; r < 4; r++) {                                                               \
-            lo[r] = _mm256_add_ps(lo[r], _mm256_mul_ps(_mm256_loadu_ps(x[r] + i), w_lo));           \
-            hi[r] = _mm256_add_ps(hi[r], _mm256_mul_ps(_mm256_loadu_ps(x[r] + i + 8), w_hi));       \
+/* ROWS activation rows x[r] (r < ROWS) against one weight row b: each row keeps its own 16 lanes; the
+   weight vector is loaded once per step, and 2 * ROWS independent add chains hide latency. */
+#define FO_AVX2_DOTS(NAME, ROWS, LOAD, ELEM)                                                        \
+    __attribute__((target("avx2,f16c"))) static void NAME(const float *const *x, const void *b,     \
+                                                          ptrdiff_t n, float *out) {                \
+        __m256 lo[ROWS], hi[ROWS];                                                                  \
+        for (int r = 0; r < ROWS; r++) lo[r] = hi[r] = _mm256_setzero_ps();                         \
+        ptrdiff_t i = 0;                                                                            \
+        for (; i + FO_LANES <= n; i += FO_LANES) {                                                  \
+            __m256 w_lo = LOAD(b, i), w_hi = LOAD(b, i + 8);                                        \
+            for (int r = 0; r < ROWS; r++) {                                                        \
+                lo[r] = _mm256_add_ps(lo[r], _mm256_mul_ps(_mm256_loadu_ps(x[r] + i), w_lo));       \
+                hi[r] = _mm256_add_ps(hi[r], _mm256_mul_ps(_mm256_loadu_ps(x[r] + i + 8), w_hi));   \
+            }                                                                                       \
         }                                                                                           \
-    }                                                                                               \
-    for (int r = 0; r < 4 && i == n; r++) out[r] = fold_avx2(lo[r], hi[r]);                        \
-    for (int r = 0; r < 4 && i < n; r++) {                                                          \
-        float lane[FO_LANES];                                                                       \
-        _mm256_storeu_ps(lane, lo[r]);                                                              \
-        _mm256_storeu_ps(lane + 8, hi[r]);                                                          \
-        ptrdiff_t t = i;                                                                            \
-        for (int j = 0; t < n; t++, j++) lane[j] += x[r][t] * TAIL_W(t);                            \
-        out[r] = fold_lanes(lane);                                                                  \
+        for (int r = 0; r < ROWS; r++) {                                                            \
+            if (i == n) {                                                                           \
+                out[r] = fold_avx2(lo[r], hi[r]);                                                   \
+                continue;                                                                           \
+            }                                                                                       \
+            float lane[FO_LANES];                                                                   \
+            _mm256_storeu_ps(lane, lo[r]);                                                          \
+            _mm256_storeu_ps(lane + 8, hi[r]);                                                      \
+            for (ptrdiff_t t = i, j = 0; t < n; t++, j++) lane[j] += x[r][t] * ELEM(b, t);          \
+            out[r] = fold_lanes(lane);                                                              \
+        }                                                                                           \
     }
+FO_AVX2_DOTS(dot1_f32_avx2, 1, LOAD_F32, elem_f32)
+FO_AVX2_DOTS(dot1_f16_avx2, 1, LOAD_F16, elem_f16)
+FO_AVX2_DOTS(dot1_bf16_avx2, 1, LOAD_BF16, elem_bf16)
+FO_AVX2_DOTS(dot4_f32_avx2, 4, LOAD_F32, elem_f32)
+FO_AVX2_DOTS(dot4_f16_avx2, 4, LOAD_F16, elem_f16)
+FO_AVX2_DOTS(dot4_bf16_avx2, 4, LOAD_BF16, elem_bf16)
 
-#define LOAD_F32(i) _mm256_loadu_ps(b + (i))
-#define TAIL_W(t) b[t]
-__attribute__((target("avx2"))) static void dot4_f32_avx2(const float *const x[4], const float *b,
-                                                          ptrdiff_t n, float out[4]) {
-    FO_DOT4_BODY(LOAD_F32)
-}
-#undef TAIL_W
-
-#define LOAD_F16(i) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + (i))))
-#define TAIL_W(t) fo_half_to_float(b[t])
-__attribute__((target("avx2,f16c"))) static void dot4_f16_avx2(const float *const x[4], const uint16_t *b,
-                                                               ptrdiff_t n, float out[4]) {
-    FO_DOT4_BODY(LOAD_F16)
-}
-#undef TAIL_W
-#endif
-
-/* out[d] += p * v[d]: element-wise, so every vector width gives the same bits. */
-static void axpy_portable(float *out, float p, const float *v, ptrdiff_t n) {
-    for (ptrdiff_t d = 0; d < n; d++) out[d] = out[d] + p * v[d];
-}
-
-#if FO_X86
-__attribute__((target("avx2"))) static void axpy_avx2(float *out, float p, const float *v, ptrdiff_t n) {
-    __m256 pv = _mm256_set1_ps(p);
-    ptrdiff_t d = 0;
-    for (; d + 8 <= n; d += 8)
-        _mm256_storeu_ps(out + d,
-                         _mm256_add_ps(_mm256_loadu_ps(out + d), _mm256_mul_ps(pv, _mm256_loadu_ps(v + d))));
-    for (; d < n; d++) out[d] = out[d] + p * v[d];
-}
-#endif
-
-#if FO_X86
-/* One query against four key rows (each with its own lanes, as dot_f32_avx2). */
+/* One query against four key rows `stride` floats apart (attention scores). */
 __attribute__((target("avx2"))) static void dot_q4_avx2(const float *q, const float *k, ptrdiff_t stride,
                                                         ptrdiff_t n, float out[4]) {
     __m256 lo[4], hi[4];
@@ -171,17 +134,27 @@ __attribute__((target("avx2"))) static void dot_q4_avx2(const float *q, const fl
             hi[r] = _mm256_add_ps(hi[r], _mm256_mul_ps(q_hi, _mm256_loadu_ps(k + r * stride + i + 8)));
         }
     }
-    if (i == n) {
-        for (int r = 0; r < 4; r++) out[r] = fold_avx2(lo[r], hi[r]);
-        return;
-    }
     for (int r = 0; r < 4; r++) {
+        if (i == n) {
+            out[r] = fold_avx2(lo[r], hi[r]);
+            continue;
+        }
         float lane[FO_LANES];
         _mm256_storeu_ps(lane, lo[r]);
         _mm256_storeu_ps(lane + 8, hi[r]);
         for (ptrdiff_t t = i, j = 0; t < n; t++, j++) lane[j] += q[t] * k[r * stride + t];
         out[r] = fold_lanes(lane);
     }
+}
+
+/* out[d] += p * v[d]; element-wise, so any vector width gives the same bits. */
+__attribute__((target("avx2"))) static void axpy_avx2(float *out, float p, const float *v, ptrdiff_t n) {
+    __m256 pv = _mm256_set1_ps(p);
+    ptrdiff_t d = 0;
+    for (; d + 8 <= n; d += 8)
+        _mm256_storeu_ps(out + d,
+                         _mm256_add_ps(_mm256_loadu_ps(out + d), _mm256_mul_ps(pv, _mm256_loadu_ps(v + d))));
+    for (; d < n; d++) out[d] = out[d] + p * v[d];
 }
 
 /* Four axpy steps in position order, keeping each out vector in a register between them. */
@@ -202,8 +175,13 @@ __attribute__((target("avx2"))) static void axpy4_avx2(float *out, const float *
         out[d] = (((out[d] + p[0] * v[d]) + p[1] * v[stride + d]) + p[2] * v[2 * stride + d]) +
                  p[3] * v[3 * stride + d];
 }
-
 #endif
+
+static void axpy_portable(float *out, float p, const float *v, ptrdiff_t n) {
+    for (ptrdiff_t d = 0; d < n; d++) out[d] = out[d] + p * v[d];
+}
+
+/* ---- path selection ---------------------------------------------------------------------------- */
 
 int fo_best_path(void) {
 #if FO_X86
@@ -221,57 +199,74 @@ int fo_select_path(int path) {
 
 int fo_current_path(void) { return g_path; }
 
-float fo_dot_f32(const float *a, const float *b, ptrdiff_t n) {
-#if FO_X86
-    if (g_path >= 1) return dot_f32_avx2(a, b, n);
-#endif
-    return dot_f32_portable(a, b, n);
-}
+/* ---- public kernels ---------------------------------------------------------------------------- */
 
-float fo_dot_f16(const float *a, const uint16_t *b, ptrdiff_t n) {
-#if FO_X86
-    if (g_path >= 1) return dot_f16_avx2(a, b, n);
-#endif
-    return dot_f16_portable(a, b, n);
-}
-
-void fo_dot4_f32(const float *const x[4], const float *b, ptrdiff_t n, float out[4]) {
+float fo_dot(const float *a, const void *b, int wtype, ptrdiff_t n) {
+    float out;
 #if FO_X86
     if (g_path >= 1) {
-        dot4_f32_avx2(x, b, n, out);
+        const float *x[1] = {a};
+        if (wtype == FO_W_F16)
+            dot1_f16_avx2(x, b, n, &out);
+        else if (wtype == FO_W_BF16)
+            dot1_bf16_avx2(x, b, n, &out);
+        else
+            dot1_f32_avx2(x, b, n, &out);
+        return out;
+    }
+#endif
+    if (wtype == FO_W_F16) return dot_f16_portable(a, b, n);
+    if (wtype == FO_W_BF16) return dot_bf16_portable(a, b, n);
+    out = dot_f32_portable(a, b, n);
+    return out;
+}
+
+static void dot4(const float *const x[4], const void *b, int wtype, ptrdiff_t n, float out[4]) {
+#if FO_X86
+    if (g_path >= 1) {
+        if (wtype == FO_W_F16)
+            dot4_f16_avx2(x, b, n, out);
+        else if (wtype == FO_W_BF16)
+            dot4_bf16_avx2(x, b, n, out);
+        else
+            dot4_f32_avx2(x, b, n, out);
         return;
     }
 #endif
-    for (int r = 0; r < 4; r++) out[r] = dot_f32_portable(x[r], b, n);
+    for (int r = 0; r < 4; r++) out[r] = fo_dot(x[r], b, wtype, n);
 }
 
-void fo_dot4_f16(const float *const x[4], const uint16_t *b, ptrdiff_t n, float out[4]) {
-#if FO_X86
-    if (g_path >= 1) {
-        dot4_f16_avx2(x, b, n, out);
-        return;
+void fo_head_rows(const float *x, ptrdiff_t xs, ptrdiff_t rows, const void *w, ptrdiff_t n_w, int wtype,
+                  ptrdiff_t n, float *out, ptrdiff_t os) {
+    /* Row groups outside, weight rows inside: a group of four activation rows stays in L1 while the
+       block of weight rows streams past it (from memory once, then from L2 for the next groups). */
+    const char *w_bytes = (const char *)w;
+    ptrdiff_t row_bytes = n * (wtype == FO_W_F32 ? 4 : 2);
+    ptrdiff_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        const float *group[4] = {x + r * xs, x + (r + 1) * xs, x + (r + 2) * xs, x + (r + 3) * xs};
+        for (ptrdiff_t v = 0; v < n_w; v++) {
+            float res[4];
+            dot4(group, w_bytes + v * row_bytes, wtype, n, res);
+            for (int j = 0; j < 4; j++) out[(r + j) * os + v] = res[j];
+        }
     }
-#endif
-    for (int r = 0; r < 4; r++) out[r] = dot_f16_portable(x[r], b, n);
+    for (; r < rows; r++)
+        for (ptrdiff_t v = 0; v < n_w; v++) out[r * os + v] = fo_dot(x + r * xs, w_bytes + v * row_bytes, wtype, n);
 }
 
 void fo_attend(const float *q, const float *k, const float *v, ptrdiff_t n_pos, ptrdiff_t pos_stride,
                ptrdiff_t head_dim, float scale, float *scores, float *out) {
-    float (*dot)(const float *, const float *, ptrdiff_t) = dot_f32_portable;
     void (*axpy)(float *, float, const float *, ptrdiff_t) = axpy_portable;
-#if FO_X86
-    if (g_path >= 1) {
-        dot = dot_f32_avx2;
-        axpy = axpy_avx2;
-    }
-#endif
     float max_score = -INFINITY, total = 0.0f;
     ptrdiff_t t = 0;
 #if FO_X86
-    if (g_path >= 1)
+    if (g_path >= 1) {
+        axpy = axpy_avx2;
         for (; t + 4 <= n_pos; t += 4) dot_q4_avx2(q, k + t * pos_stride, pos_stride, head_dim, scores + t);
+    }
 #endif
-    for (; t < n_pos; t++) scores[t] = dot(q, k + t * pos_stride, head_dim);
+    for (; t < n_pos; t++) scores[t] = fo_dot(q, k + t * pos_stride, FO_W_F32, head_dim);
     for (t = 0; t < n_pos; t++) {
         scores[t] = scores[t] * scale;
         if (scores[t] > max_score) max_score = scores[t];
@@ -317,27 +312,4 @@ void fo_relu2_gate(const float *restrict gate, const float *restrict up, float *
         float v = gate[i] > 0.0f ? gate[i] : 0.0f;
         out[i] = (v * v) * up[i];
     }
-}
-
-void fo_head_rows(const float *x, ptrdiff_t xs, ptrdiff_t rows, const void *w, ptrdiff_t n_w, int half,
-                  ptrdiff_t n, float *out, ptrdiff_t os) {
-    /* Row groups outside, weight rows inside: a group of four activation rows stays in L1 while the
-       block of weight rows streams past it (from memory once, then from L2 for the next groups). */
-    const float *w32 = (const float *)w;
-    const uint16_t *w16 = (const uint16_t *)w;
-    ptrdiff_t r = 0;
-    for (; r + 4 <= rows; r += 4) {
-        const float *group[4] = {x + r * xs, x + (r + 1) * xs, x + (r + 2) * xs, x + (r + 3) * xs};
-        for (ptrdiff_t v = 0; v < n_w; v++) {
-            float res[4];
-            if (half)
-                fo_dot4_f16(group, w16 + v * n, n, res);
-            else
-                fo_dot4_f32(group, w32 + v * n, n, res);
-            for (int j = 0; j < 4; j++) out[(r + j) * os + v] = res[j];
-        }
-    }
-    for (; r < rows; r++)
-        for (ptrdiff_t v = 0; v < n_w; v++)
-            out[r * os + v] = half ? fo_dot_f16(x + r * xs, w16 + v * n, n) : fo_dot_f32(x + r * xs, w32 + v * n, n);
 }

@@ -1,4 +1,4 @@
-/* Float dot products with a fixed summation order, shared by the float kernels in floatops.pyx.
+/* Float kernels with a fixed summation order, used by floatops.pyx.
  *
  * Why a fixed order: numpy/BLAS choose blocking by matrix shape and thread count, so a row's result can
  * change with the batch it runs in. Here every dot product of length n is defined as:
@@ -17,20 +17,26 @@
 
 #define FO_LANES 16
 
+/* Element types of a weight matrix; half and bfloat16 widen to float exactly before the multiply. */
+enum { FO_W_F32 = 0, FO_W_F16 = 1, FO_W_BF16 = 2 };
+
 /* 0 = portable C, 1 = AVX2 (+F16C). fo_select_path() clamps to what the CPU supports. (An AVX-512
- * variant measured no faster here: the head is bound by memory and L2 traffic, not arithmetic.) */
+ * variant measured no faster on the development machine: the head is bound by memory and L2
+ * traffic, not arithmetic.) */
 int fo_best_path(void);
 int fo_select_path(int path);
 int fo_current_path(void);
 
-float fo_dot_f32(const float *a, const float *b, ptrdiff_t n);
-/* b holds IEEE binary16 bit patterns; each is widened to float exactly before the multiply. */
-float fo_dot_f16(const float *a, const uint16_t *b, ptrdiff_t n);
 float fo_half_to_float(uint16_t h);
-/* out[r] = dot(x[r], b) for four rows at once, each bit-identical to the single-row function. */
-void fo_dot4_f32(const float *const x[4], const float *b, ptrdiff_t n, float out[4]);
-void fo_dot4_f16(const float *const x[4], const uint16_t *b, ptrdiff_t n, float out[4]);
+float fo_bf16_to_float(uint16_t h);
 
+/* dot(a, b) in the documented order; b has element type wtype. */
+float fo_dot(const float *a, const void *b, int wtype, ptrdiff_t n);
+
+/* out[r * os + v] = dot(x + r * xs, row v of w) for r < rows, v < n_w (rows of w are n elements of
+ * type wtype): one block of the output head. Several activation rows share each weight load. */
+void fo_head_rows(const float *x, ptrdiff_t xs, ptrdiff_t rows, const void *w, ptrdiff_t n_w, int wtype,
+                  ptrdiff_t n, float *out, ptrdiff_t os);
 
 /* Attention of one query head over positions 0..n_pos-1 of one cached KV head (k, v point at position
  * 0; positions are pos_stride floats apart): scores = dot(q, k_t) * scale; softmax with the maximum
@@ -39,14 +45,10 @@ void fo_dot4_f16(const float *const x[4], const uint16_t *b, ptrdiff_t n, float 
 void fo_attend(const float *q, const float *k, const float *v, ptrdiff_t n_pos, ptrdiff_t pos_stride,
                ptrdiff_t head_dim, float scale, float *scores, float *out);
 
-/* out[r * os + v] = dot(x + r * xs, w + v * n) for r < rows, v < n_w: a block of the output head.
- * w is float32, or IEEE half bits if `half`. Each entry is one fixed-order dot product. */
-void fo_head_rows(const float *x, ptrdiff_t xs, ptrdiff_t rows, const void *w, ptrdiff_t n_w, int half,
-                  ptrdiff_t n, float *out, ptrdiff_t os);
-
 /* Sum of x[i]^2 in float64: 8 lanes (lane j takes i = j mod 8, tail to lanes 0, 1, ...), folded as a
  * tree (w = 4, 2, 1), so the order is fixed and the loop vectorises. */
 double fo_sum_squares(const float *x, ptrdiff_t n);
+
 /* out = relu(gate)^2 * up, as (v * v) * up with v = gate > 0 ? gate : 0. */
 void fo_relu2_gate(const float *restrict gate, const float *restrict up, float *restrict out, ptrdiff_t n);
 

@@ -45,6 +45,11 @@ def matmul_rows(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return fixed_order_dot(x, np.asarray(w).astype(np.float32))
 
 
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32: the upper half of the float's bits."""
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     x = np.asarray(x, np.float32)
     mean_sq = np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True)

@@ -53,6 +53,50 @@ class PackedLinear:
 
 
 @dataclass
+class VocabMatrix:
+    """A [vocab, d_model] float matrix (embedding, output head), stored as compactly as is exact.
+
+    The output head reads the whole matrix every step, so its bytes set the pace. Files store it as
+    F16 (GGUF) or BF16 (Hugging Face); the loader hands over float32, and when every value survives
+    the round trip the matrix goes back to 16 bits. Widening to float32 is exact, so the logits are
+    the same as with the float32 matrix, bit for bit.
+    """
+
+    data: np.ndarray  # float32, or uint16 bit patterns of float16 / bfloat16
+    dtype: str  # "f32", "f16" or "bf16"
+
+    @classmethod
+    def compact(cls, matrix: np.ndarray, cfg: ModelConfig, name: str) -> VocabMatrix:
+        matrix = np.ascontiguousarray(matrix, np.float32)
+        if matrix.shape != (cfg.vocab_size, cfg.d_model):
+            raise ValueError(f"{name} has shape {matrix.shape}, expected {(cfg.vocab_size, cfg.d_model)}")
+        with np.errstate(over="ignore"):  # values beyond float16's range just fail the check below
+            half = matrix.astype(np.float16)
+        if np.array_equal(half.astype(np.float32), matrix):
+            return cls(half.view(np.uint16), "f16")
+        bits = matrix.view(np.uint32)
+        if not np.any(bits & 0xFFFF):
+            return cls((bits >> 16).astype(np.uint16), "bf16")
+        return cls(matrix, "f32")
+
+    def lookup(self, tokens: np.ndarray, out: np.ndarray) -> None:
+        """out[r] = row tokens[r] (ids already checked)."""
+        if self.dtype == "f32":
+            np.take(self.data, tokens, axis=0, out=out, mode="clip")
+        else:
+            floatops.embed_rows_half(self.data, tokens, out, self.dtype == "bf16")
+
+    def matmul(self, x: np.ndarray, out: np.ndarray) -> None:
+        """out = x . matrix^T with the kernels' fixed-order dot products."""
+        if self.dtype == "f16":
+            floatops.matmul_rows_f16(x, self.data, out)
+        elif self.dtype == "bf16":
+            floatops.matmul_rows_bf16(x, self.data, out)
+        else:
+            floatops.matmul_rows(x, self.data, out)
+
+
+@dataclass
 class Layer:
     attn_norm: np.ndarray
     qkv: PackedLinear  # q | k | v
@@ -99,12 +143,12 @@ class Model:
         self.gate = floatops.relu2_gate if cfg.activation == "relu2" else floatops.silu_gate
 
         floats = weights.float_tensors
-        self.embedding_is_f16, self.embedding = _head_matrix(floats["token_embd.weight"], cfg, "token_embd")
+        self.embedding = VocabMatrix.compact(floats["token_embd.weight"], cfg, "token_embd.weight")
         # Tied models (2B4T) reuse the embedding as the output head; others carry output.weight.
         if "output.weight" in floats:
-            self.output_is_f16, self.output = _head_matrix(floats["output.weight"], cfg, "output")
+            self.output = VocabMatrix.compact(floats["output.weight"], cfg, "output.weight")
         else:
-            self.output_is_f16, self.output = self.embedding_is_f16, self.embedding
+            self.output = self.embedding
         self.output_norm = np.ascontiguousarray(floats["output_norm.weight"], np.float32)
 
         def norm(name: str, dim: int) -> np.ndarray:
@@ -202,10 +246,7 @@ class Model:
         k = qkv[:, cfg.q_dim : cfg.q_dim + cfg.kv_dim]
         v = qkv[:, cfg.q_dim + cfg.kv_dim :]
 
-        if self.embedding_is_f16:
-            floatops.embed_rows_f16(self.embedding, tokens, x)
-        else:
-            np.take(self.embedding, tokens, axis=0, out=x, mode="clip")  # ids checked above
+        self.embedding.lookup(tokens, x)
 
         for i, layer in enumerate(self.layers):
             # attention block
@@ -234,24 +275,8 @@ class Model:
         final = s.h[:n_logits]
         np.take(x, logit_rows, axis=0, out=final, mode="clip")
         floatops.rmsnorm(final, self.output_norm, self.eps, final)
-        if self.output_is_f16:
-            floatops.matmul_rows_f16(final, self.output, out)
-        else:
-            floatops.matmul_rows(final, self.output, out)
+        self.output.matmul(final, out)
         return out
-
-
-def _head_matrix(matrix: np.ndarray, cfg: ModelConfig, name: str) -> tuple[bool, np.ndarray]:
-    """A [vocab, d_model] float matrix as (is_f16, array): half-precision bit patterns when that loses
-    nothing (files store embeddings as F16), since the output head reads all of it every step and
-    widening half to float is exact; float32 otherwise."""
-    matrix = np.ascontiguousarray(matrix, np.float32)
-    if matrix.shape != (cfg.vocab_size, cfg.d_model):
-        raise ValueError(f"{name}.weight has shape {matrix.shape}, expected {(cfg.vocab_size, cfg.d_model)}")
-    half = matrix.astype(np.float16)
-    if np.array_equal(half.astype(np.float32), matrix):
-        return True, half.view(np.uint16)
-    return False, matrix
 
 
 # rows x columns of each projection, as ModelConfig attribute names

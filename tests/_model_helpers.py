@@ -27,7 +27,7 @@ def random_weights(
     context_length: int = 256,
     activation: str = "relu2",
     tied: bool = True,
-    f16_embedding: bool = False,
+    embedding_dtype: str = "f32",
 ) -> ModelWeights:
     """Weights scaled as BITNET.md section 5 advises (so every layer and norm visibly matters)."""
     rng = np.random.default_rng(seed)
@@ -48,8 +48,11 @@ def random_weights(
         tied_embeddings=tied,
     )
     embedding = rng.normal(0, 0.5, (vocab_size, d_model)).astype(np.float32)
-    if f16_embedding:
+    if embedding_dtype == "f16":  # values a float16 file could hold
         embedding = embedding.astype(np.float16).astype(np.float32)
+    elif embedding_dtype == "bf16":  # values a bfloat16 file could hold, some not exact in float16
+        embedding[0, :4] = [1e-7, 3e5, -2.5e-6, 1.0]
+        embedding = (embedding.view(np.uint32) & 0xFFFF0000).view(np.float32)
     floats = {
         "token_embd.weight": embedding,
         "output_norm.weight": (1 + 0.1 * rng.standard_normal(d_model)).astype(np.float32),

@@ -41,6 +41,15 @@ def test_matmul_rows_f16_equals_f32_on_the_widened_table(kernel_path):
     np.testing.assert_array_equal(out16, ref.matmul_rows(x, w16))
 
 
+def test_matmul_rows_bf16_is_the_widened_table(kernel_path):
+    rng = np.random.default_rng(11)
+    x = rand(rng, 13, 70)
+    bits = (rand(rng, 50, 70).view(np.uint32) >> 16).astype(np.uint16)
+    out = np.empty((13, 50), np.float32)
+    floatops.matmul_rows_bf16(x, bits, out)
+    np.testing.assert_array_equal(out, ref.matmul_rows(x, ref.bf16_to_float32(bits)))
+
+
 def test_matmul_rows_batch_and_thread_invariant():
     rng = np.random.default_rng(2)
     x, w = rand(rng, 9, 300), rand(rng, 257, 300)
@@ -69,12 +78,14 @@ def test_kernel_paths_agree_bit_for_bit():
             floatops.matmul_rows(x, w, out)
             out16 = np.empty((13, 64), np.float32)
             floatops.matmul_rows_f16(x, w.astype(np.float16).view(np.uint16), out16)
-            results.append((d, out, out16))
+            out_bf16 = np.empty((13, 64), np.float32)
+            floatops.matmul_rows_bf16(x, (w.view(np.uint32) >> 16).astype(np.uint16), out_bf16)
+            results.append((d, out, out16, out_bf16))
     floatops.set_kernel_path(floatops.kernel_paths()[-1])
-    for d, out, out16 in results:
+    for d, *outs in results:
         first = next(r for r in results if r[0] == d)
-        np.testing.assert_array_equal(out, first[1])
-        np.testing.assert_array_equal(out16, first[2])
+        for got, expected in zip(outs, first[1:], strict=True):
+            np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
@@ -208,15 +219,19 @@ def test_kv_store_and_bounds():
         floatops.kv_store(kv[:1, :8], kv[:1, 8:], k_cache, v_cache, np.array([2], np.int32), positions[:1])
 
 
-def test_embed_rows_f16():
+def test_embed_rows_half_and_bfloat16():
     rng = np.random.default_rng(9)
     table = rand(rng, 10, 12).astype(np.float16)
     tokens = np.array([3, 0, 9, 3], np.int32)
     out = np.empty((4, 12), np.float32)
-    floatops.embed_rows_f16(table.view(np.uint16), tokens, out)
+    floatops.embed_rows_half(table.view(np.uint16), tokens, out)
     np.testing.assert_array_equal(out, table[tokens].astype(np.float32))
     with pytest.raises(ValueError, match="token"):
-        floatops.embed_rows_f16(table.view(np.uint16), np.array([10], np.int32), out[:1])
+        floatops.embed_rows_half(table.view(np.uint16), np.array([10], np.int32), out[:1])
+    bits = rng.integers(0, 2**16, (10, 12)).astype(np.uint16)
+    bits[(bits & 0x7F80) == 0x7F80] = 0  # no inf / nan patterns
+    floatops.embed_rows_half(bits, tokens, out, bfloat16=True)
+    np.testing.assert_array_equal(out, ref.bf16_to_float32(bits)[tokens])
 
 
 def test_non_contiguous_rows_are_refused():

@@ -30,15 +30,15 @@ def assert_close_rel(actual, expected, rel):
     [
         {},
         {"activation": "silu", "tied": False},
-        {"f16_embedding": True, "n_heads": 8, "n_kv_heads": 2, "d_model": 256},
-        {"n_kv_heads": 4},  # plain multi-head attention
+        {"embedding_dtype": "f16", "n_heads": 8, "n_kv_heads": 2, "d_model": 256},
+        {"embedding_dtype": "bf16", "n_kv_heads": 4},  # plain multi-head attention
     ],
-    ids=["relu2-gqa", "silu-untied", "f16-head-gqa4", "mha"],
+    ids=["relu2-gqa", "silu-untied", "f16-head-gqa4", "bf16-head-mha"],
 )
 def test_forward_matches_numpy_reference(variant):
     weights = random_weights(1, **variant)
     model = Model(weights, n_slots=2, ctx_size=64)
-    assert model.embedding_is_f16 == variant.get("f16_embedding", False)
+    assert model.embedding.dtype == variant.get("embedding_dtype", "f32")
     logits = prefill(model, 1, TOKENS)
     expected = numpy_forward(weights, TOKENS)
     assert logits.shape == (len(TOKENS), weights.config.vocab_size)
