@@ -49,6 +49,8 @@ cdef int _PARALLEL_MIN_ROWS = 4
 # Output-head weight rows per work item: small enough to stay in L2 while each group of four activation
 # rows passes over them, large enough to amortise scheduling.
 cdef Py_ssize_t _HEAD_BLOCK = 64
+# Attention runs on one thread below this many (position, head) pairs (about 40 us of work).
+cdef Py_ssize_t _ATTENTION_PARALLEL_MIN = 2048
 
 fo_select_path(fo_best_path())
 
@@ -289,7 +291,10 @@ def attention(const float[:, :] q, const float[:, :, :, ::1] k_cache, const floa
     cdef const float *pv = &v_cache[0, 0, 0, 0]
     cdef float *po = &out[0, 0]
     cdef float *ps = &scratch[0, 0]
-    if threads == 1 or work < 2:
+    cdef Py_ssize_t positions_total = 0
+    for r in range(rows):
+        positions_total += positions[r] + 1
+    if threads == 1 or work < 2 or positions_total * n_heads < _ATTENTION_PARALLEL_MIN:
         with nogil:
             for item in range(work):
                 r = item // n_heads

@@ -259,3 +259,26 @@ def test_attention_paths_agree_and_match_reference(head_dim):
         np.testing.assert_array_equal(other, results[0])
     expected = ref.attention(q, k_cache, v_cache, slots, positions)
     np.testing.assert_allclose(results[0], expected, rtol=1e-5, atol=2e-6)
+
+
+def test_attention_parallel_path_equals_one_thread():
+    rng = np.random.default_rng(12)
+    k_cache, v_cache = make_cache(rng, n_slots=2, ctx=300, n_kv=2, head_dim=32)
+    q = rand(rng, 4, 4 * 32)
+    slots = np.array([0, 1, 0, 1], np.int32)
+    positions = np.array([299, 250, 3, 200], np.int32)  # enough (position, head) pairs to use threads
+    scratch = np.empty((2, 300), np.float32)
+    threads = floatops.get_num_threads()
+    results = []
+    try:
+        for n_threads in (1, 2):
+            floatops.set_num_threads(n_threads)
+            out = np.empty_like(q)
+            floatops.attention(q, k_cache, v_cache, slots, positions, out, scratch)
+            results.append(out)
+    finally:
+        floatops.set_num_threads(threads)
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_allclose(
+        results[1], ref.attention(q, k_cache, v_cache, slots, positions), rtol=1e-5, atol=2e-6
+    )
