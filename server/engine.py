@@ -18,6 +18,7 @@ import numpy as np
 from bitnet_grpc.server.model import Model
 from bitnet_grpc.server.sampling import Sampler, SamplingParams
 from bitnet_grpc.server.tokenizer import IncrementalDecoder, Tokenizer
+from bitnet_grpc.server.weights import ModelWeights
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "data" / "default-model.gguf"
 PREFILL_CHUNK = 64  # prompt rows per forward call
@@ -96,6 +97,8 @@ class SequenceState:
         stop_ids: list[int],
         slot: int | None = None,
     ) -> None:
+        """vocab_size is the model's; ids from the tokenizer's size up (padding rows some files carry)
+        have no text and are never sampled."""
         params.validate()
         if not prompt_ids:
             raise ValueError("prompt is empty: at least one token is needed")
@@ -114,6 +117,7 @@ class SequenceState:
         self.decoder: IncrementalDecoder = tokenizer.incremental_decoder(skip_special=True)
         self.stops = StopMatcher(list(params.stop))
         self.stop_ids = frozenset() if params.ignore_eos else frozenset(stop_ids)
+        self.text_vocab = min(tokenizer.vocab_size, vocab_size)
         self.finish_reason: str | None = None
 
     @property
@@ -127,9 +131,13 @@ class SequenceState:
         return len(self.prompt_ids) + len(self.generated) - 1
 
     def step(self, logits: np.ndarray) -> GenerationEvent:
-        """Sample one token from this sequence's logits row and turn it into an event."""
+        """Sample one token from this sequence's logits row and turn it into an event.
+
+        The row belongs to this sequence for the call (it may be modified in place)."""
         if self.finish_reason is not None:
             raise RuntimeError("the sequence has already finished")
+        if self.text_vocab < logits.shape[0]:
+            logits[self.text_vocab :] = -np.inf  # the row is this sequence's own: mask padding ids in place
         sample = self.sampler.sample(logits)
         token = sample.token_id
         self.generated.append(token)
@@ -155,7 +163,12 @@ class SequenceState:
 
 
 class Engine:
-    """A model ready to generate: packed weights, KV cache slots and the tokenizer."""
+    """A model ready to generate: packed weights, KV cache slots and the tokenizer.
+
+    `generate` runs on the calling thread and uses the model's shared scratch buffers: one call at a
+    time per Engine. Concurrent requests go through the scheduler, which batches them into one
+    `Model.forward` per step.
+    """
 
     def __init__(self, model: Model, tokenizer: Tokenizer, *, source: str = "") -> None:
         self.model = model
@@ -191,7 +204,12 @@ class Engine:
 
     @classmethod
     def from_weights(
-        cls, weights, *, ctx_size: int | None = None, n_slots: int = 1, threads: int | None = None
+        cls,
+        weights: ModelWeights,
+        *,
+        ctx_size: int | None = None,
+        n_slots: int = 1,
+        threads: int | None = None,
     ) -> Engine:
         """Build from an already loaded ModelWeights (ctx_size defaults to the model's context length)."""
         ctx = int(ctx_size or weights.config.context_length)
@@ -249,13 +267,15 @@ class Engine:
             )
         return logits
 
-    def generate(self, prompt: str | list[int], params: SamplingParams) -> Iterator[GenerationEvent]:
+    def generate(
+        self, prompt: str | list[int], params: SamplingParams | None = None
+    ) -> Iterator[GenerationEvent]:
         """Generate from one prompt; one event per token, the last with its finish reason.
 
         Validation (parameters, prompt length) happens before the first event. The KV slot is taken
         when generation starts and returned when the iterator finishes or is closed.
         """
-        seq = self.new_sequence(prompt, params)
+        seq = self.new_sequence(prompt, params if params is not None else SamplingParams())
         return self._run(seq)
 
     def _run(self, seq: SequenceState) -> Iterator[GenerationEvent]:

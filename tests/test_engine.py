@@ -238,3 +238,13 @@ def test_load_a_gguf_file_generates_like_the_weights_it_holds(tmp_path):
     assert [e.token_id for e in loaded.generate("hi", params)] == [
         e.token_id for e in direct.generate("hi", params)
     ]
+
+
+def test_padding_ids_beyond_the_tokenizer_are_never_sampled():
+    seq = SequenceState(
+        [BOS], SamplingParams(temperature=0.0), TOKENIZER, ctx_size=16, vocab_size=VOCAB + 5, stop_ids=[]
+    )
+    row = np.zeros(VOCAB + 5, np.float32)
+    row[VOCAB + 2] = 50.0  # the best logit sits on a padding row
+    row[7] = 1.0
+    assert seq.step(row).token_id == 7
