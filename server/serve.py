@@ -38,6 +38,7 @@ MIN_SPARE_WORKERS = 4
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_QUEUE = 32
 DEFAULT_METRICS_PORT = 9464
+DEFAULT_STREAM_INTERVAL = 0.02
 
 
 class StartupError(RuntimeError):
@@ -57,6 +58,7 @@ class ServeOptions:
     metrics_port: int | None = DEFAULT_METRICS_PORT  # None: no metrics endpoint; 0: pick a free port
     grace: float = 30.0
     step_tokens: int | None = None  # tokens per forward pass (decode rows + prefill chunks)
+    stream_interval: float = DEFAULT_STREAM_INTERVAL  # seconds a stream may gather tokens per message
 
     @property
     def capacity(self) -> int:
@@ -84,7 +86,9 @@ class Service:
         self.options = options
         self.metrics = metrics or ServiceMetrics()
         self.workers, self.max_rpcs = options.pool_sizes()
-        self.servicer = TextGenerationServicer(self.metrics, capacity=options.capacity)
+        self.servicer = TextGenerationServicer(
+            self.metrics, capacity=options.capacity, stream_interval=options.stream_interval
+        )
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server: grpc.Server | None = None
@@ -191,6 +195,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
         default=DEFAULT_METRICS_PORT,
         help="Prometheus /metrics port; 0 picks a free one, -1 turns it off (default: %(default)s)",
     )
+    p.add_argument(
+        "--stream-interval",
+        type=float,
+        default=DEFAULT_STREAM_INTERVAL,
+        help="seconds a stream may gather tokens into one message after its first (0: one per step; "
+        "default: %(default)s)",
+    )
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight streams get on shutdown")
     p.add_argument("--log-level", default=os.environ.get("BITNET_GRPC_LOG_LEVEL", "INFO"))
     return p
@@ -209,6 +220,7 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         grace=args.grace,
         step_tokens=args.step_tokens,
+        stream_interval=args.stream_interval,
     )
 
 

@@ -79,6 +79,18 @@ class RunningServer:
                 return float(line.split()[-1])
         return 0.0
 
+    def slow_down(self, seconds_per_step: float) -> None:
+        """Make every engine step take at least this long, so a test's "while it runs" checks cannot race
+        a fast machine. The model still computes every step; only a sleep is added."""
+        model = self.backend.engine.model
+        forward = model.forward
+
+        def slow_forward(*args, **kwargs):
+            time.sleep(seconds_per_step)
+            return forward(*args, **kwargs)
+
+        model.forward = slow_forward
+
     def wait_until(self, condition: Callable[[], bool], timeout: float = 10.0) -> bool:
         end = time.monotonic() + timeout
         while time.monotonic() < end:

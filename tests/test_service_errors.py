@@ -154,6 +154,7 @@ def test_deadline_while_running_frees_the_slot(server) -> None:
 
 def test_deadline_while_queued_is_deadline_exceeded(make_server) -> None:
     server = make_server(max_batch=1, max_queue=2)
+    server.slow_down(0.005)  # the running request keeps its slot for seconds
     running = server.stub.Generate(_long_request(server))
     next(running)  # the only slot is taken
     with pytest.raises(grpc.RpcError) as info:

@@ -77,7 +77,8 @@ def _timed(call) -> float:
 
 def test_overload_is_refused_at_once_with_retry_info_while_health_answers(make_server) -> None:
     server = make_server(max_batch=2, max_queue=2)
-    long = pb.GenerateRequest(prompt="x", max_tokens=160, temperature=0, ignore_eos=True)
+    server.slow_down(0.005)  # 4 x 100 tokens take about a second: the checks below happen under load
+    long = pb.GenerateRequest(prompt="x", max_tokens=100, temperature=0, ignore_eos=True)
     calls = [server.stub.Generate(long) for _ in range(4)]
     scheduler = server.backend.scheduler
     assert server.wait_until(lambda: scheduler.active_count() == 2 and scheduler.queue_depth() == 2)
@@ -115,6 +116,7 @@ def test_overload_is_refused_at_once_with_retry_info_while_health_answers(make_s
 
 def test_health_answers_with_40_streams_on_4_slots(make_server) -> None:
     server = make_server(max_batch=4, max_queue=36)
+    server.slow_down(0.002)
     request = pb.GenerateRequest(prompt="x", max_tokens=24, temperature=0, ignore_eos=True)
     calls = [server.stub.Generate(request) for _ in range(40)]
     scheduler = server.backend.scheduler

@@ -38,7 +38,9 @@ def health_status(channel: grpc.Channel) -> int | None:
 
 def test_sigterm_lets_running_streams_finish_refuses_new_calls_and_exits_0(service_model_path) -> None:
     port = free_port()
+    # A long context keeps the 4 streams busy for a while even on a small, fast model.
     args = ["--model", service_model_path, "--port", str(port), "--metrics-port", "-1", "--max-batch", "4"]
+    args += ["--ctx-size", "2048"]
     proc = subprocess.Popen([*SERVE, *args, "--grace", "60"], stderr=subprocess.PIPE, text=True)
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -48,7 +50,8 @@ def test_sigterm_lets_running_streams_finish_refuses_new_calls_and_exits_0(servi
             time.sleep(0.1)
         stub = pb_grpc.TextGenerationStub(channel)
         ctx = stub.GetModelInfo(pb.GetModelInfoRequest()).context_size
-        request = pb.GenerateRequest(prompt="x", max_tokens=ctx - 8, temperature=0, ignore_eos=True)
+        assert ctx == 2048
+        request = pb.GenerateRequest(prompt="x", max_tokens=1500, temperature=0, ignore_eos=True)
         results: list[list] = [[] for _ in range(4)]
         errors: list[BaseException] = []
         started = threading.Barrier(5)
