@@ -187,13 +187,14 @@ class Sampler:
 
     def _draw(self, scores: np.ndarray) -> int:
         p = self.params
-        z = self._scaled
-        np.divide(scores, p.temperature, out=z)
-        candidates = None  # token ids still in play, best first once sorted; None = the whole vocabulary
+        z = self._scaled  # scratch, so the whole-vocabulary case allocates nothing below
+        np.divide(scores, p.temperature, out=z, dtype=np.float64)
+        candidates = None  # token ids still in play; None = the whole vocabulary
         if 0 < p.top_k < z.shape[0]:
             candidates = top_indices(z, p.top_k)
             z = z[candidates]
-        weights = np.exp(z - z.max())  # relative probabilities; the best token has weight exactly 1
+        z -= z.max()
+        weights = np.exp(z, out=z)  # relative probabilities; the best token has weight exactly 1
         if p.top_p < 1.0:
             order = _nucleus(weights, p.top_p)
             candidates = order if candidates is None else candidates[order]
@@ -209,15 +210,16 @@ class Sampler:
         n_top = self.params.logprobs
         if n_top == 0:
             return Sample(token)
-        row = logits.astype(np.float64)
-        peak = row.max()
-        log_total = peak + math.log(np.exp(row - peak).sum())
-        top = top_indices(row, n_top)
-        top = top[np.lexsort((top, -row[top]))]  # best first, lower id on ties
+        peak = float(logits.max())
+        shifted = self._scaled  # scratch (sampling is done with it)
+        np.subtract(logits, peak, out=shifted, dtype=np.float64)
+        log_total = peak + math.log(np.exp(shifted, out=shifted).sum())
+        top = top_indices(logits, n_top)
+        top = top[np.lexsort((top, -logits[top]))]  # best first, lower id on ties
         return Sample(
             token,
-            float(row[token] - log_total),
-            [(int(t), float(row[t] - log_total)) for t in top],
+            float(logits[token]) - log_total,
+            [(int(t), float(logits[t]) - log_total) for t in top],
         )
 
 
