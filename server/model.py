@@ -208,9 +208,8 @@ class Model:
             )
         if rows:
             if positions.min() < 0 or positions.max() >= self.ctx_size:
-                raise ValueError(
-                    f"positions must be in 0..{self.ctx_size - 1} (ctx_size), got {positions.max()}"
-                )
+                bad = positions.min() if positions.min() < 0 else positions.max()
+                raise ValueError(f"positions must be in 0..{self.ctx_size - 1} (ctx_size), got {bad}")
             if slots.min() < 0 or slots.max() >= self.n_slots:
                 raise ValueError(f"slots must be in 0..{self.n_slots - 1}")
             if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
