@@ -6,7 +6,7 @@
 Each thread count runs in its own child process whose OPENBLAS_NUM_THREADS / OMP_NUM_THREADS are set
 before numpy is imported (and threadpoolctl, when installed, pins the BLAS pool too), so numpy and
 our kernel use the same number of threads. Each timing is the median of single calls (see
-per_call_seconds for why); --json keeps the 90th percentiles too.
+per_call_seconds for why); --stat p10 prints the 10th percentiles, --json keeps all three statistics.
 
 "hot" times one weight matrix over and over: its packed form (4.4 MB for 2560x6912) stays in the
 last-level cache, as in a micro-benchmark. "cold" cycles through enough copies to overflow the cache,
@@ -33,10 +33,11 @@ SHAPES = {  # (N out, K in): the BitLinear matrices of each model
 COLD_BYTES = 96 << 20  # 3x a 32 MB L3: enough copies that each call finds its weights in DRAM
 
 
-def per_call_seconds(fn, seconds: float, clock, min_calls: int = 15) -> tuple[float, float]:
-    """(median, 90th percentile) of single-call times. The median, not the mean: on a shared machine
-    a parallel call now and then waits a whole scheduler slice (milliseconds) for a thread whose CPU
-    is busy with another process, and a few of those would swamp the mean of short calls."""
+def per_call_seconds(fn, seconds: float, clock, min_calls: int = 15) -> dict[str, float]:
+    """Median, 10th and 90th percentile of single-call times. Not the mean: on a shared machine a
+    parallel call now and then waits whole scheduler slices (milliseconds) for a thread whose CPU is
+    busy with another process, and a few of those swamp the mean of short calls. When the machine is
+    saturated even the median is hit; the 10th percentile then shows the uncontended speed."""
     fn()
     times = []
     start = time.perf_counter()
@@ -45,7 +46,11 @@ def per_call_seconds(fn, seconds: float, clock, min_calls: int = 15) -> tuple[fl
         fn()
         times.append(clock() - t0)
     times.sort()
-    return statistics.median(times), times[int(0.9 * (len(times) - 1))]
+    return {
+        "median": statistics.median(times),
+        "p10": times[int(0.1 * (len(times) - 1))],
+        "p90": times[int(0.9 * (len(times) - 1))],
+    }
 
 
 def cycling(make_call, copies):
@@ -133,15 +138,14 @@ def run_children(args) -> list[dict]:
                 key = (r["model"], r["n"], r["k"], r["m"], r["threads"])
                 row = rows.setdefault(key, {k: r[k] for k in ("model", "n", "k", "m", "threads")})
                 prefix = "tern" if lib == "ternary" else "np"
-                row[f"{prefix}_hot"], row[f"{prefix}_hot_p90"] = r["hot"]
-                row[f"{prefix}_cold"], row[f"{prefix}_cold_p90"] = r["cold"]
+                row[f"{prefix}_hot"], row[f"{prefix}_cold"] = r["hot"], r["cold"]
                 if lib == "ternary":
                     row["packed_bytes"], row["path"] = r["weight_bytes"], r["path"]
                 row["blas_control"] = r["blas_control"]
     return list(rows.values())
 
 
-def print_tables(rows: list[dict]) -> None:
+def print_tables(rows: list[dict], stat: str) -> None:
     print(
         f"{'model':5} {'N x K':>11} {'M':>4} {'thr':>3} | {'hot us':>8} {'GOPS':>6} {'GB/s':>6} {'np us':>8} "
         f"{'x np':>6} | {'cold us':>8} {'GOPS':>6} {'GB/s':>6} {'np us':>8} {'x np':>6}"
@@ -150,7 +154,7 @@ def print_tables(rows: list[dict]) -> None:
         ops = 2.0 * r["m"] * r["n"] * r["k"]
         cols = []
         for mode in ("hot", "cold"):
-            t, tn = r[f"tern_{mode}"], r[f"np_{mode}"]
+            t, tn = r[f"tern_{mode}"][stat], r[f"np_{mode}"][stat]
             gbs = r["packed_bytes"] / t / 1e9
             cols.append(f"{t * 1e6:8.1f} {ops / t / 1e9:6.0f} {gbs:6.1f} {tn * 1e6:8.1f} {tn / t:6.1f}")
         shape = f"{r['n']}x{r['k']}"
@@ -167,7 +171,8 @@ def print_tables(rows: list[dict]) -> None:
         for mode in ("hot", "cold"):
             for m in (32, 128):
                 other = by_key.get((r["n"], r["k"], r["threads"], m))
-                gains.append(r[f"tern_{mode}"] / (other[f"tern_{mode}"] / m) if other else float("nan"))
+                one, many = r[f"tern_{mode}"][stat], other[f"tern_{mode}"][stat] if other else float("nan")
+                gains.append(one / (many / m))
         shape = f"{r['n']}x{r['k']}"
         print(
             f"{r['model']:5} {shape:>11} {r['threads']:3} | {gains[0]:7.2f} {gains[1]:7.2f} | "
@@ -190,6 +195,9 @@ def main() -> None:
         help="cpu: CPU time of the calling thread (only with --threads 1): what a call costs while it has "
         "a core, unaffected by other processes taking the CPU away on a shared machine",
     )
+    parser.add_argument(
+        "--stat", choices=("median", "p10"), default="median", help="which single-call statistic to print"
+    )
     parser.add_argument("--json", help="also write the raw rows (with 90th percentiles) to this file")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -205,10 +213,11 @@ def main() -> None:
     rows = run_children(args)
     load_after = os.getloadavg()
     print(
-        f"kernel path {rows[0]['path']}, {args.clock} clock, numpy threads via {rows[0]['blas_control']}, "
+        f"kernel path {rows[0]['path']}, {args.stat} of {args.clock}-clock call times, "
+        f"numpy threads via {rows[0]['blas_control']}, "
         f"load average {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} CPUs\n"
     )
-    print_tables(rows)
+    print_tables(rows, args.stat)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -33,8 +33,12 @@ Paths and threads
     "portable" C always; "avx2", "avx512bw" and "avx512vnni" when the CPU has them (run-time check; one
     build runs on any x86-64). The best one is used unless BITNET_GRPC_KERNEL or set_kernel_path()
     names another. Output rows are split between OpenMP threads in contiguous ranges;
-    set_num_threads() sets how many (default os.cpu_count()). Calls from several Python threads at
-    once are safe: the kernels keep no shared mutable state.
+    set_num_threads() sets how many (default os.cpu_count()); calls too small to pay for waking a
+    thread run on one. Calls from several Python threads at once are safe: the kernels keep no shared
+    mutable state. A parallel call waits for its slowest thread, so when other processes keep every
+    core busy, a call can wait whole scheduler slices (milliseconds) for a thread to get a CPU: give
+    the server no more threads than it has idle cores (OMP_WAIT_POLICY=passive softens the waits on a
+    shared machine at some cost per call; libgomp reads it at start-up).
 """
 
 import os

@@ -223,6 +223,12 @@ def test_matmul_matches_reference(kernel_path, m):
         assert same_bits(out, ref.ternary_matmul(xq, x_scale, x_sum, packed, w_scale)), (kernel_path, m, n, k)
 
 
+def test_matmul_many_rows_cross_row_chunks(kernel_path):
+    """M=70 with K=4000: the SIMD paths walk activation rows in L2-sized chunks (64 rows here)."""
+    x, packed, w_scale = random_problem(np.random.default_rng(70), 70, 9, 4000)
+    assert same_bits(ternary.bitlinear(x, packed, w_scale), ref.bitlinear(x, packed, w_scale))
+
+
 def test_matmul_extreme_activations(kernel_path):
     """Activations at +127 and -128 against all +1 / all -1 rows: the largest partial sums any int16 or
     int32 stage can see (|acc| = 128 * K). A path that let int16 sums wrap would fail here."""
