@@ -4,7 +4,7 @@
  * these paths are only entered after a run-time CPU check (tq_x86_cpu_has). All of them compute the
  * exact integer dot products of the codes c = w + 1 in {0, 1, 2} with int8 activations:
  *  - AVX2 / AVX-512BW: maddubs (u8 x s8 -> pairs summed to int16, each pair at most 2 * 2 * 128 = 512 in
- *    magnitude), the 8 (AVX2) or 4 (AVX-512BW) int16 results of one 256-weight block added (at most 4096,
+ *    magnitude), the 4 int16 results of one half block (AVX2) or block (AVX-512BW) added (at most 2048,
  *    far from 32767), then widened to int32 with madd against ones. Nothing can saturate or wrap.
  *  - VNNI: vpdpbusd multiplies u8 x s8 and accumulates straight into int32 lanes.
  * Tiles: several activation rows share each unpacked weight vector, and for VNNI several weight rows
@@ -58,7 +58,8 @@ TARGET_AVX2 TQ_INLINE int32_t hsum_256(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
-/* MR activation rows against one weight row (AVX2 has 16 registers: one weight row at a time). */
+/* MR activation rows against one weight row (AVX2 has 16 registers: one weight row at a time). The
+ * int16 sums are widened every half block: carrying them over the whole block spilled registers. */
 TARGET_AVX2 TQ_INLINE void avx2_tile(const tq_gemm_args *a, int64_t m0, int64_t n, const int MR) {
     const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
     const uint8_t *w = a->w + n * a->w_stride;
@@ -69,11 +70,9 @@ TARGET_AVX2 TQ_INLINE void avx2_tile(const tq_gemm_args *a, int64_t m0, int64_t 
         acc[i] = _mm256_setzero_si256();
     }
     for (int64_t b = 0; b < a->n_blocks; b++) {
-        __m256i s[4];
-        for (int i = 0; i < MR; i++) s[i] = _mm256_setzero_si256();
+        PREFETCH_WEIGHTS(w + b * TQ_BLOCK_BYTES);
         for (int h = 0; h < 2; h++) {
             __m256i raw = _mm256_loadu_si256((const __m256i *)(w + b * TQ_BLOCK_BYTES + 32 * h));
-            if (h == 0) PREFETCH_WEIGHTS(w + b * TQ_BLOCK_BYTES);
             __m256i c0 = _mm256_and_si256(raw, mask);
             __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(raw, 2), mask);
             __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
@@ -84,10 +83,10 @@ TARGET_AVX2 TQ_INLINE void avx2_tile(const tq_gemm_args *a, int64_t m0, int64_t 
                 __m256i p1 = _mm256_maddubs_epi16(c1, _mm256_loadu_si256((const __m256i *)(xb + 64)));
                 __m256i p2 = _mm256_maddubs_epi16(c2, _mm256_loadu_si256((const __m256i *)(xb + 128)));
                 __m256i p3 = _mm256_maddubs_epi16(c3, _mm256_loadu_si256((const __m256i *)(xb + 192)));
-                s[i] = _mm256_add_epi16(s[i], _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3)));
+                __m256i s = _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
+                acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(s, ones));
             }
         }
-        for (int i = 0; i < MR; i++) acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(s[i], ones));
     }
     for (int i = 0; i < MR; i++) tq_store(a, m0 + i, n, hsum_256(acc[i]));
 }
