@@ -255,6 +255,17 @@ void fo_head_rows(const float *x, ptrdiff_t xs, ptrdiff_t rows, const void *w, p
         for (ptrdiff_t v = 0; v < n_w; v++) out[r * os + v] = fo_dot(x + r * xs, w_bytes + v * row_bytes, wtype, n);
 }
 
+#if FO_X86
+/* Ask for rows t .. t+3 (each head_dim floats, pos_stride apart) ahead of use: a decode step reads each
+   layer's cache once, from DRAM, in short per-head streams the hardware prefetcher ramps up on too late. */
+static inline void prefetch_rows(const float *base, ptrdiff_t t, ptrdiff_t n_pos, ptrdiff_t stride,
+                                 ptrdiff_t head_dim) {
+    for (ptrdiff_t r = t; r < t + 4 && r < n_pos; r++)
+        for (ptrdiff_t c = 0; c < head_dim; c += 16) _mm_prefetch((const char *)(base + r * stride + c), _MM_HINT_T0);
+}
+#define FO_PREFETCH_AHEAD 8 /* positions */
+#endif
+
 void fo_attend(const float *q, const float *k, const float *v, ptrdiff_t n_pos, ptrdiff_t pos_stride,
                ptrdiff_t head_dim, float scale, float *scores, float *out) {
     void (*axpy)(float *, float, const float *, ptrdiff_t) = axpy_portable;
@@ -263,7 +274,10 @@ void fo_attend(const float *q, const float *k, const float *v, ptrdiff_t n_pos, 
 #if FO_X86
     if (g_path >= 1) {
         axpy = axpy_avx2;
-        for (; t + 4 <= n_pos; t += 4) dot_q4_avx2(q, k + t * pos_stride, pos_stride, head_dim, scores + t);
+        for (; t + 4 <= n_pos; t += 4) {
+            prefetch_rows(k, t + FO_PREFETCH_AHEAD, n_pos, pos_stride, head_dim);
+            dot_q4_avx2(q, k + t * pos_stride, pos_stride, head_dim, scores + t);
+        }
     }
 #endif
     for (; t < n_pos; t++) scores[t] = fo_dot(q, k + t * pos_stride, FO_W_F32, head_dim);
@@ -279,7 +293,10 @@ void fo_attend(const float *q, const float *k, const float *v, ptrdiff_t n_pos, 
     t = 0;
 #if FO_X86
     if (g_path >= 1)
-        for (; t + 4 <= n_pos; t += 4) axpy4_avx2(out, scores + t, v + t * pos_stride, pos_stride, head_dim);
+        for (; t + 4 <= n_pos; t += 4) {
+            prefetch_rows(v, t + FO_PREFETCH_AHEAD, n_pos, pos_stride, head_dim);
+            axpy4_avx2(out, scores + t, v + t * pos_stride, pos_stride, head_dim);
+        }
 #endif
     for (; t < n_pos; t++) axpy(out, scores[t], v + t * pos_stride, head_dim);
     float inv = 1.0f / total;
