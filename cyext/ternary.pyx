@@ -32,13 +32,13 @@ Matmul
 Paths and threads
     "portable" C always; "avx2", "avx512bw" and "avx512vnni" when the CPU has them (run-time check; one
     build runs on any x86-64). The best one is used unless BITNET_GRPC_KERNEL or set_kernel_path()
-    names another. Output rows are split between OpenMP threads in contiguous ranges;
-    set_num_threads() sets how many (default os.cpu_count()); calls too small to pay for waking a
-    thread run on one. Calls from several Python threads at once are safe: the kernels keep no shared
-    mutable state. A parallel call waits for its slowest thread, so when other processes keep every
-    core busy, a call can wait whole scheduler slices (milliseconds) for a thread to get a CPU: give
-    the server no more threads than it has idle cores (OMP_WAIT_POLICY=passive softens the waits on a
-    shared machine at some cost per call; libgomp reads it at start-up).
+    names another. Output rows are split into a few contiguous ranges per thread and run on a small
+    pool of worker threads plus the calling thread (ternary_pool.c); set_num_threads() sets how many
+    threads (default os.cpu_count(), at most 256), and calls too small to pay for waking a thread run
+    on one. Unlike an OpenMP region, a call never waits for a worker that has not started: when
+    other processes keep the cores busy it slows towards one-thread speed instead of waiting
+    scheduler slices. Calls from several Python threads at once are safe (one of them uses the pool,
+    the others run on their own thread).
 """
 
 import os
@@ -50,6 +50,7 @@ from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
 
 cdef extern from "ternary_kernels.h" nogil:
     int TQ_N_PATHS
+    int TQ_MAX_THREADS
 
     ctypedef struct tq_gemm_args:
         const int8_t *xq
@@ -80,8 +81,9 @@ cdef extern from "ternary_kernels.h" nogil:
 
 BLOCK = 256
 MAX_K = 1 << 22  # int32 accumulators cannot overflow below this (see module docstring)
+MAX_THREADS = TQ_MAX_THREADS
 
-cdef int _num_threads = max(1, os.cpu_count() or 1)
+cdef int _num_threads = min(MAX_THREADS, max(1, os.cpu_count() or 1))
 cdef int _path = 0
 
 
@@ -99,8 +101,8 @@ def set_num_threads(n: int) -> None:
     """Threads used by every kernel call from now on (the server's --threads)."""
     global _num_threads
     n = int(n)
-    if n < 1:
-        raise ValueError(f"number of threads must be >= 1, got {n}")
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"number of threads must be >= 1 and <= {MAX_THREADS}, got {n}")
     _num_threads = n
 
 

@@ -1,8 +1,5 @@
-/* Kernel path table and the OpenMP driver that splits a matmul's output rows between threads. */
+/* Kernel path table and the driver that splits a matmul's output rows into tasks for the pool. */
 #include <stdint.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "ternary_kernels.h"
 
@@ -37,31 +34,30 @@ int tq_best_path(void) {
 
 /* Below this many multiply-adds a second thread costs more to wake than it saves. */
 #define TQ_GEMM_MIN_WORK_PER_THREAD (1 << 19)
+/* Tasks per thread: a few, so a thread that starts late leaves its share to the others. */
+#define TQ_TASKS_PER_THREAD 4
 
-/* Each thread gets one contiguous range of output rows, in whole 4-row tiles, so a thread streams its
- * own part of the weight matrix once. The result does not depend on the split: every output element
- * is computed by the same code whichever thread runs it. */
+typedef struct {
+    const tq_gemm_args *a;
+    tq_gemm_fn fn;
+    int64_t tiles, tasks;
+} gemm_job;
+
+/* Task i: one contiguous range of whole 4-row output tiles. */
+static void gemm_task(void *ctx, int64_t i) {
+    const gemm_job *j = (const gemm_job *)ctx;
+    int64_t n0 = 4 * (j->tiles * i / j->tasks), n1 = 4 * (j->tiles * (i + 1) / j->tasks);
+    if (n1 > j->a->N) n1 = j->a->N;
+    if (n0 < n1) j->fn(j->a, n0, n1);
+}
+
+/* The result does not depend on the split: every output element is computed by the same code
+ * whichever thread runs it. */
 void tq_gemm(const tq_gemm_args *a, int path, int n_threads) {
-    tq_gemm_fn fn = path_fn(path);
-    int64_t tiles = (a->N + 3) / 4;
-    int64_t work = a->M * a->N * a->n_blocks * TQ_BLOCK;
-    int64_t useful = work / TQ_GEMM_MIN_WORK_PER_THREAD;
-    int nt = n_threads;
-    if (nt > tiles) nt = (int)tiles;
-    if (nt > useful) nt = useful > 1 ? (int)useful : 1;
-    if (nt <= 1 || a->M == 0) {
-        if (a->N > 0 && a->M > 0) fn(a, 0, a->N);
-        return;
-    }
-#pragma omp parallel num_threads(nt)
-    {
-#ifdef _OPENMP
-        int t = omp_get_thread_num(), T = omp_get_num_threads();
-#else
-        int t = 0, T = 1;
-#endif
-        int64_t n0 = 4 * (tiles * t / T), n1 = 4 * (tiles * (t + 1) / T);
-        if (n1 > a->N) n1 = a->N;
-        if (n0 < n1) fn(a, n0, n1);
-    }
+    if (a->M == 0 || a->N == 0) return;
+    gemm_job job = {a, path_fn(path), (a->N + 3) / 4, 1};
+    int64_t useful = a->M * a->N * a->n_blocks * TQ_BLOCK / TQ_GEMM_MIN_WORK_PER_THREAD;
+    int64_t nt = n_threads < useful ? n_threads : useful;
+    if (nt > 1) job.tasks = TQ_TASKS_PER_THREAD * nt < job.tiles ? TQ_TASKS_PER_THREAD * nt : job.tiles;
+    tq_parallel(job.tasks, gemm_task, &job, nt > 1 ? (int)nt : 1);
 }

@@ -45,6 +45,12 @@ static inline void tq_store(const tq_gemm_args *a, int64_t m, int64_t n, int32_t
     a->out[m * a->out_stride + n] = ((float)acc / a->x_scale[m]) * a->w_scale[n];
 }
 
+/* ternary_pool.c: run task(ctx, i) for i in [0, n_tasks) on the calling thread and up to n_threads - 1
+ * pool workers; returns when every task has finished. Never waits for a worker that has not started. */
+#define TQ_MAX_THREADS 256
+typedef void (*tq_task_fn)(void *ctx, int64_t i);
+void tq_parallel(int64_t n_tasks, tq_task_fn task, void *ctx, int n_threads);
+
 /* ternary_dispatch.c */
 int tq_path_available(int path);
 const char *tq_path_name(int path);

@@ -302,6 +302,44 @@ def test_python_threads_call_concurrently(threads):
     assert failures == []
 
 
+def test_many_small_parallel_calls_from_two_python_threads(threads):
+    """Hundreds of short jobs (each big enough to be split between threads) through the worker pool
+    with changing thread counts: a task of one job must never run with another job's arguments."""
+    rng = np.random.default_rng(12)
+    problems = [random_problem(rng, m, n, 2000) for m, n in ((1, 1024), (2, 520), (5, 300), (8, 129))]
+    wanted = [ref.bitlinear(*p) for p in problems]
+    failures = []
+
+    def worker(seed):
+        pick = np.random.default_rng(seed)
+        for _ in range(300):
+            i = int(pick.integers(len(problems)))
+            if not same_bits(ternary.bitlinear(*problems[i]), wanted[i]):
+                failures.append(i)
+
+    workers = [threading.Thread(target=worker, args=(s,)) for s in range(2)]
+    for t in workers:
+        t.start()
+    for n in range(60):  # meanwhile, keep changing the thread count
+        threads(1 + n % 4)
+    for t in workers:
+        t.join()
+    assert failures == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_parallel_kernels_work_in_a_forked_child(threads):
+    threads(2)
+    x, packed, w_scale = random_problem(np.random.default_rng(13), 4, 512, 3000)
+    want = ternary.bitlinear(x, packed, w_scale)  # starts the pool's workers in this process
+    pid = os.fork()
+    if pid == 0:  # the child has no workers and must not hang on the parent's pool state
+        ok = same_bits(ternary.bitlinear(x, packed, w_scale), want)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
 def test_matmul_writes_into_strided_out():
     x, packed, w_scale = random_problem(np.random.default_rng(9), 4, 10, 300)
     buf = np.zeros((4, 30), np.float32)
