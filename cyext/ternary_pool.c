@@ -14,7 +14,8 @@
  * an older generation can never take a task of a newer job. The caller returns once `done` (tasks
  * finished) reaches the task count, so no task of its job is still running after it returns. A
  * second caller arriving while the slot is taken (several Python threads) runs its job on its own
- * thread. Idle workers poll for a short while, then sleep on a condition variable.
+ * thread. Idle workers poll for a short while (mostly yielding the CPU), then sleep on a condition
+ * variable.
  */
 #include <pthread.h>
 #include <sched.h>
@@ -33,8 +34,12 @@
 #endif
 
 #define MAX_WORKERS (TQ_MAX_THREADS - 1)
-#define WORKER_POLLS 20000 /* a few hundred microseconds: covers the gaps between a forward pass's calls */
-#define CALLER_POLLS 2000  /* then the waiting caller yields its CPU (a worker may need it to finish) */
+/* An idle worker first spins briefly, then polls between sched_yield calls (so another thread that
+ * wants this CPU, such as an OpenMP worker of another kernel, gets it at once), then sleeps. Together
+ * about half a millisecond: longer than the gaps between the calls of a forward pass. */
+#define WORKER_SPINS 2000
+#define WORKER_YIELDS 300
+#define CALLER_SPINS 2000 /* then the waiting caller yields its CPU (a worker may need it to finish) */
 
 static struct {
     _Atomic uint64_t claim;
@@ -74,10 +79,13 @@ static void run_tasks(uint32_t gen) {
 
 static uint64_t wait_for_generation_after(uint32_t seen) {
     uint64_t c;
-    for (int i = 0; i < WORKER_POLLS; i++) {
+    for (int i = 0; i < WORKER_SPINS + WORKER_YIELDS; i++) {
         c = atomic_load_explicit(&pool.claim, memory_order_acquire);
         if ((uint32_t)(c >> 32) != seen) return c;
-        cpu_relax();
+        if (i < WORKER_SPINS)
+            cpu_relax();
+        else
+            sched_yield();
     }
     pthread_mutex_lock(&pool.lock);
     pool.sleepers++;
@@ -143,7 +151,7 @@ void tq_parallel(int64_t n_tasks, tq_task_fn fn, void *ctx, int n_threads) {
         pthread_mutex_unlock(&pool.lock);
         run_tasks(gen);
         for (int polls = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < n_tasks; polls++) {
-            if (polls < CALLER_POLLS)
+            if (polls < CALLER_SPINS)
                 cpu_relax();
             else
                 sched_yield();
