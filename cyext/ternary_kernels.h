@@ -1,8 +1,9 @@
 /* Ternary kernels in plain C, shared by cyext/ternary.pyx (the Python API) and the SIMD sources.
  *
  * The packed layout, the rounding rules and the exactness argument are documented at the top of
- * ternary.pyx; this header only declares what the .c files provide. All functions are reentrant
- * (no hidden state besides the path table, which is read-only after tq_init) and never touch Python.
+ * ternary.pyx; this header only declares what the .c files provide. All functions may be called from
+ * several threads at once (the only shared state is the worker pool, which serialises itself) and
+ * never touch Python.
  */
 #ifndef BITNET_GRPC_TERNARY_KERNELS_H
 #define BITNET_GRPC_TERNARY_KERNELS_H
