@@ -53,7 +53,14 @@ class BuildPyWithProtos(build_py):
 
 
 def extensions() -> list[Extension]:
-    compile_args = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
+    compile_args = [
+        "-O3",
+        "-fopenmp",
+        "-ffp-contract=off",
+        "-fno-math-errno",
+        "-Wall",
+        "-Wno-unused-function",
+    ]
     link_args = ["-fopenmp"]
     if sys.platform == "darwin":  # no OpenMP in Apple clang by default
         compile_args = [a for a in compile_args if a != "-fopenmp"]
