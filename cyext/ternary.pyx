@@ -162,6 +162,17 @@ def _check_rows(name: str, a) -> None:
         raise ValueError(f"{name} row stride {a.strides[0]} is not a multiple of its item size")
 
 
+def _check_output(name: str, a, dtype, shape: tuple) -> None:
+    """An output array must be written in place: right type and shape, writeable, never copied."""
+    _check(name, a, dtype, len(shape))
+    if a.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+    if not a.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    if len(shape) == 1 and shape[0] > 1 and a.strides[0] != a.itemsize:
+        raise ValueError(f"{name} must be contiguous, got stride {a.strides[0]}")
+
+
 def _check_vector(name: str, a, dtype, length: int):
     a = _check(name, a, dtype, 1)
     if a.shape[0] != length:
@@ -235,37 +246,55 @@ def unpack_ternary(packed, k: int) -> np.ndarray:
     return codes
 
 
-def quantize_rows(x) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """float32 activations [M, K] -> (xq int8 [M, padded_k(K)], x_scale float32 [M], x_sum int32 [M])."""
+def quantize_rows(x, xq=None, x_scale=None, x_sum=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 activations [M, K] -> (xq int8 [M, padded_k(K)], x_scale float32 [M], x_sum int32 [M]).
+
+    Pass all three outputs to fill existing arrays instead of allocating new ones (a decode step
+    quantises hundreds of rows a second): xq [M, padded_k(K)] with contiguous rows, x_scale and
+    x_sum contiguous [M]. They are returned.
+    """
     _check("x", x, np.float32, 2)
     _check_rows("x", x)
     cdef int64_t M = x.shape[0], K = x.shape[1]
     cdef int64_t Kp = padded_k(K)
-    xq = np.empty((M, Kp), dtype=np.int8)
-    x_scale = np.empty(M, dtype=np.float32)
-    x_sum = np.empty(M, dtype=np.int32)
-    if K == 0:  # nothing to scale: the floor applies, as for a row of zeros
-        x_scale.fill(np.float32(127) / np.float32(1e-5))
-        x_sum.fill(0)
-        return xq, x_scale, x_sum
+    given = (xq is not None) + (x_scale is not None) + (x_sum is not None)
+    if given == 0:
+        xq = np.empty((M, Kp), dtype=np.int8)
+        x_scale = np.empty(M, dtype=np.float32)
+        x_sum = np.empty(M, dtype=np.int32)
+    elif given == 3:
+        _check_output("xq", xq, np.int8, (M, Kp))
+        _check_rows("xq", xq)
+        if M > 1 and xq.strides[0] < Kp:
+            raise ValueError(f"xq rows overlap (row stride {xq.strides[0]} for {Kp} columns)")
+        _check_output("x_scale", x_scale, np.float32, (M,))
+        _check_output("x_sum", x_sum, np.int32, (M,))
+    else:
+        raise ValueError("pass all of xq, x_scale and x_sum, or none of them")
     if M > 0:
         _quantize_into(x, xq, x_scale, x_sum)
     return xq, x_scale, x_sum
 
 
 cdef _quantize_into(x, xq, x_scale, x_sum):
-    cdef int64_t M = x.shape[0], K = x.shape[1], Kp = xq.shape[1]
     cdef const float[:, :] xv = x
-    cdef int8_t[:, ::1] qv = xq
-    cdef float[::1] sv = x_scale
-    cdef int32_t[::1] tv = x_sum
-    cdef int64_t x_stride = xv.strides[0] // 4
+    cdef int8_t[:, :] qv = xq
+    cdef float[:] sv = x_scale
+    cdef int32_t[:] tv = x_sum
+    _quantize_views(xv, qv, sv, tv, xv.shape[0], xv.shape[1], padded_k(xv.shape[1]))
+
+
+cdef int _quantize_views(const float[:, :] x, int8_t[:, :] xq, float[:] x_scale, int32_t[:] x_sum,
+                         int64_t M, int64_t K, int64_t Kp) except -1:
+    """Quantise rows 0..M-1 of x into the leading M rows and Kp columns of xq (rows contiguous)."""
     cdef int64_t bad
     cdef int nt = _num_threads
     with nogil:
-        bad = tq_quantize_rows(&xv[0, 0], x_stride, M, K, Kp, &qv[0, 0], Kp, &sv[0], &tv[0], nt)
+        bad = tq_quantize_rows(&x[0, 0], x.strides[0] // 4, M, K, Kp, &xq[0, 0], xq.strides[0], &x_scale[0],
+                               &x_sum[0], nt)
     if bad >= 0:
         raise ValueError(f"x row {bad} contains NaN or infinity")
+    return 0
 
 
 def ternary_matmul(xq, x_scale, x_sum, packed, w_scale, out) -> np.ndarray:
@@ -340,3 +369,60 @@ def bitlinear(x, packed, w_scale, out=None) -> np.ndarray:
     if out is None:
         out = np.empty((x.shape[0], packed.shape[0]), dtype=np.float32)
     return ternary_matmul(xq, x_scale, x_sum, packed, w_scale, out)
+
+
+cdef inline bint _rows_contiguous(Py_ssize_t cols, Py_ssize_t inner_stride, Py_ssize_t itemsize) noexcept:
+    return cols <= 1 or inner_stride == itemsize
+
+
+def bitlinear_into(const float[:, :] x, const uint8_t[:, :] packed, const float[::1] w_scale,
+                   int8_t[:, :] xq, float[::1] x_scale, int32_t[::1] x_sum, float[:, :] out) -> None:
+    """out = bitlinear(x, packed, w_scale), quantising into caller-owned scratch; allocates nothing.
+
+    The per-projection entry of the forward pass: one call, typed arguments, checks in C, so the
+    Python overhead is a small fraction of bitlinear()'s. Scratch may be larger than this call needs
+    (one set serves every projection): the leading M rows and padded_k(K) columns of xq, and the
+    leading M entries of x_scale and x_sum, are overwritten. Rows of x, xq, packed and out must be
+    contiguous (row strides are free).
+    """
+    cdef int64_t M = x.shape[0], K = x.shape[1], N = packed.shape[0]
+    cdef int64_t Kp = (K + BLOCK - 1) // BLOCK * BLOCK
+    if packed.shape[1] * 4 != Kp:
+        raise ValueError(f"shape mismatch: x has {K} columns but packed rows hold {packed.shape[1] * 4} weights")
+    if Kp > MAX_K:
+        raise ValueError(f"K = {K} exceeds the supported maximum {MAX_K}")
+    if w_scale.shape[0] != N:
+        raise ValueError(f"w_scale must have length {N}, got {w_scale.shape[0]}")
+    if out.shape[0] != M or out.shape[1] != N:
+        raise ValueError(f"out must have shape ({M}, {N}), got ({out.shape[0]}, {out.shape[1]})")
+    if xq.shape[0] < M or xq.shape[1] < Kp or x_scale.shape[0] < M or x_sum.shape[0] < M:
+        raise ValueError(
+            f"scratch too small for {M} rows of {Kp}: xq ({xq.shape[0]}, {xq.shape[1]}), "
+            f"x_scale ({x_scale.shape[0]},), x_sum ({x_sum.shape[0]},)"
+        )
+    if not (_rows_contiguous(K, x.strides[1], 4) and _rows_contiguous(Kp, xq.strides[1], 1)
+            and _rows_contiguous(Kp // 4, packed.strides[1], 1) and _rows_contiguous(N, out.strides[1], 4)):
+        raise ValueError("rows of x, xq, packed and out must be contiguous")
+    if x.strides[0] % 4 or out.strides[0] % 4:
+        raise ValueError("row strides of x and out must be multiples of 4 bytes")
+    if (M > 1 and xq.strides[0] < Kp) or (M > 1 and out.strides[0] < N * 4):
+        raise ValueError("rows of xq or out overlap")
+    if M == 0 or N == 0:
+        return
+    _quantize_views(x, xq, x_scale, x_sum, M, K, Kp)
+    cdef tq_gemm_args a
+    a.M = M
+    a.N = N
+    a.n_blocks = Kp // BLOCK
+    a.xq = &xq[0, 0]
+    a.x_stride = xq.strides[0]
+    a.x_scale = &x_scale[0]
+    a.x_sum = &x_sum[0]
+    a.w = &packed[0, 0]
+    a.w_stride = packed.strides[0]
+    a.w_scale = &w_scale[0]
+    a.out = &out[0, 0]
+    a.out_stride = out.strides[0] // 4
+    cdef int path = _path, nt = _num_threads
+    with nogil:
+        tq_gemm(&a, path, nt)

@@ -122,6 +122,11 @@ class Scratch:
         self.gate_up = np.empty((rows, 2 * cfg.d_ff), f32)
         self.mlp = np.empty((rows, cfg.d_ff), f32)
         self.scores = np.empty((max(1, threads), ctx_size), f32)  # attention scores, one row per thread
+        # quantised input of a projection (int8 rows, their scales and sums), shared by all projections
+        widest = ternary.padded_k(max(cfg.d_model, cfg.q_dim, cfg.d_ff))
+        self.xq = np.empty((rows, widest), np.int8)
+        self.x_scale = np.empty(rows, f32)
+        self.x_sum = np.empty(rows, np.int32)
 
 
 class Model:
@@ -191,10 +196,10 @@ class Model:
         return self._scratch
 
     @staticmethod
-    def _bitlinear(x: np.ndarray, lin: PackedLinear, out: np.ndarray) -> None:
-        """out = BitLinear(x): per-row int8 absmax quantisation, exact int32 dot, scaled back."""
-        xq, x_scale, x_sum = ternary.quantize_rows(x)
-        ternary.ternary_matmul(xq, x_scale, x_sum, lin.packed, lin.scale, out)
+    def _bitlinear(s: Scratch, x: np.ndarray, lin: PackedLinear, out: np.ndarray) -> None:
+        """out = BitLinear(x): per-row int8 absmax quantisation, exact int32 dot, scaled back.
+        One kernel call quantising into the scratch buffers: no allocation on the hot path."""
+        ternary.bitlinear_into(x, lin.packed, lin.scale, s.xq, s.x_scale, s.x_sum, out)
 
     def _check_rows(self, slots, tokens, positions, logit_rows):
         slots = np.ascontiguousarray(slots, np.int32)
@@ -250,20 +255,20 @@ class Model:
         for i, layer in enumerate(self.layers):
             # attention block
             floatops.rmsnorm(x, layer.attn_norm, self.eps, h)
-            self._bitlinear(h, layer.qkv, qkv)
+            self._bitlinear(s, h, layer.qkv, qkv)
             floatops.rope(q, positions, self.cos, self.sin, cfg.n_heads)
             floatops.rope(k, positions, self.cos, self.sin, cfg.n_kv_heads)
             floatops.kv_store(k, v, self.kv.keys[i], self.kv.values[i], slots, positions)
             floatops.attention(q, self.kv.keys[i], self.kv.values[i], slots, positions, attn, s.scores)
             floatops.rmsnorm(attn, layer.attn_sub_norm, self.eps, attn)
-            self._bitlinear(attn, layer.attn_output, proj)
+            self._bitlinear(s, attn, layer.attn_output, proj)
             np.add(x, proj, out=x)
             # feed-forward block
             floatops.rmsnorm(x, layer.ffn_norm, self.eps, h)
-            self._bitlinear(h, layer.gate_up, gate_up)
+            self._bitlinear(s, h, layer.gate_up, gate_up)
             self.gate(gate_up, mlp)
             floatops.rmsnorm(mlp, layer.ffn_sub_norm, self.eps, mlp)
-            self._bitlinear(mlp, layer.ffn_down, proj)
+            self._bitlinear(s, mlp, layer.ffn_down, proj)
             np.add(x, proj, out=x)
 
         n_logits = logit_rows.shape[0]

@@ -209,6 +209,85 @@ def test_quantize_strided_rows_and_bad_values():
         ternary.quantize_rows(big[:, ::2])
 
 
+def test_quantize_into_given_buffers():
+    """Caller-owned outputs are filled in place (also a strided view of a wider buffer) and returned."""
+    rng = np.random.default_rng(21)
+    x = (rng.standard_normal((5, 300)) * 3).astype(np.float32)
+    wide = np.full((5, 1024), 99, np.int8)
+    xq, x_scale, x_sum = wide[:, :512], np.empty(5, np.float32), np.empty(5, np.int32)
+    got = ternary.quantize_rows(x, xq, x_scale, x_sum)
+    assert got[0] is xq and got[1] is x_scale and got[2] is x_sum
+    assert all(np.array_equal(g, r) for g, r in zip(got, ref.quantize_rows(x), strict=True))
+    assert (wide[:, 512:] == 99).all()
+    cases = [
+        (dict(xq=xq), "all of xq, x_scale and x_sum"),
+        (dict(xq=wide[:, :256], x_scale=x_scale, x_sum=x_sum), r"xq must have shape \(5, 512\)"),
+        (dict(xq=xq, x_scale=x_scale[:4], x_sum=x_sum), "x_scale must have shape"),
+        (dict(xq=xq, x_scale=x_scale, x_sum=x_sum.astype(np.int64)), "x_sum must have dtype int32"),
+        (dict(xq=xq, x_scale=np.empty(10, np.float32)[::2], x_sum=x_sum), "x_scale must be contiguous"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ternary.quantize_rows(x, **kwargs)
+    frozen = np.empty(5, np.int32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="x_sum is read-only"):
+        ternary.quantize_rows(x, xq, x_scale, frozen)
+
+
+def test_bitlinear_into_shared_scratch(kernel_path):
+    """One oversized scratch set serves projections of different shapes, bit-identical to bitlinear."""
+    rng = np.random.default_rng(22)
+    xq, x_scale, x_sum = np.empty((40, 2048), np.int8), np.empty(40, np.float32), np.empty(40, np.int32)
+    for m, n, k in [(1, 37, 700), (33, 13, 2000), (3, 64, 256), (7, 5, 1)]:
+        x, packed, w_scale = random_problem(rng, m, n, k)
+        out = np.full((m, n), np.nan, np.float32)
+        ternary.bitlinear_into(x, packed, w_scale, xq, x_scale, x_sum, out)
+        assert same_bits(out, ref.bitlinear(x, packed, w_scale)), (m, n, k)
+        want = ref.quantize_rows(x)
+        assert np.array_equal(xq[:m, : want[0].shape[1]], want[0]) and np.array_equal(x_sum[:m], want[2])
+
+
+def test_bitlinear_into_strided_views_and_bad_arguments():
+    rng = np.random.default_rng(23)
+    x, packed, w_scale = random_problem(rng, 4, 10, 300)
+    scratch = np.empty((8, 512), np.int8), np.empty(8, np.float32), np.empty(8, np.int32)
+    big_x = np.zeros((8, 400), np.float32)
+    big_x[::2, 50:350] = x
+    buf = np.zeros((4, 30), np.float32)
+    ternary.bitlinear_into(big_x[::2, 50:350], packed, w_scale, *scratch, buf[:, 10:20])
+    assert same_bits(buf[:, 10:20].copy(), ref.bitlinear(x, packed, w_scale))
+    assert not buf[:, :10].any() and not buf[:, 20:].any()
+    out = np.empty((4, 10), np.float32)
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    cases = [
+        (lambda: ternary.bitlinear_into(x[:, :256], packed, w_scale, *scratch, out), "shape mismatch"),
+        (
+            lambda: ternary.bitlinear_into(x, packed, w_scale[:9], *scratch, out),
+            "w_scale must have length 10",
+        ),
+        (
+            lambda: ternary.bitlinear_into(x, packed, w_scale, *scratch, out[:3]),
+            r"out must have shape \(4, 10\)",
+        ),
+        (
+            lambda: ternary.bitlinear_into(x, packed, w_scale, scratch[0][:2], *scratch[1:], out),
+            "scratch too small",
+        ),
+        (
+            lambda: ternary.bitlinear_into(
+                x, packed, w_scale, *scratch, np.empty((4, 20), np.float32)[:, ::2]
+            ),
+            "must be contiguous",
+        ),
+        (lambda: ternary.bitlinear_into(bad, packed, w_scale, *scratch, out), "x row 3 contains NaN"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
 # ------------------------------------------------------------------------------------------- matmul
 
 
