@@ -76,4 +76,10 @@ arithmetic (ternary weights as stored, int8 activations):
 Greedy continuations (the parity fixture `tests/fixtures/default_model_greedy.json`):
 
 {samples}
+
+{LLAMA_CPP_HEADING}
+Not checked yet: run `python tools/default_model_llama_check.py --record`.
 """
+
+
+LLAMA_CPP_HEADING = "## llama.cpp"

@@ -18,7 +18,7 @@ Remaining known difference: llama.cpp quantises activations per 256-element bloc
 engine per token. The two agree exactly for the 256-wide inputs, but not for the 768-wide input of
 ffn_down, so a near-tie can still break differently.
 
-    python tools/default_model_llama_check.py [--model server/data/default-model.gguf]
+    python tools/default_model_llama_check.py [--record]   (--record: write the result into MODEL_CARD.md)
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from default_model_card import LLAMA_CPP_HEADING
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests/fixtures/default_model_greedy.json"
@@ -88,6 +89,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=REPO / "server/data/default-model.gguf")
     p.add_argument("--fixture", type=Path, default=FIXTURE)
+    p.add_argument("--card", type=Path, default=REPO / "server/data/MODEL_CARD.md")
+    p.add_argument("--record", action="store_true", help="write the result into the model card")
     args = p.parse_args()
     fixture = json.loads(args.fixture.read_text())
     n = fixture["max_tokens"]
@@ -97,7 +100,8 @@ def main() -> None:
         open_llama(args.model)
         report["shipped_file_in_llama_cpp"] = "loaded"
     except Exception as exc:  # llama-cpp-python raises ValueError on a failed load
-        report["shipped_file_in_llama_cpp"] = f"refused: {type(exc).__name__}: {exc}"
+        message = str(exc).replace(str(args.model), args.model.name)
+        report["shipped_file_in_llama_cpp"] = f"refused: {type(exc).__name__}: {message}"
 
     from bitnet_grpc.server.engine import Engine
     from bitnet_grpc.server.sampling import SamplingParams
@@ -120,15 +124,52 @@ def main() -> None:
                     "llama_tokenization_matches_fixture": llama_prompt == case["prompt_ids"],
                     "greedy_identical": ours == theirs,
                     "tokens_equal_before_first_difference": same,
-                    "ours_text": engine.tokenizer.decode(ours)
-                    if hasattr(engine.tokenizer, "decode")
-                    else None,
+                    "ours_text": engine.tokenizer.decode(ours),
                     "ours": ours,
                     "llama_cpp": theirs,
                 }
             )
         report["silu_twin"] = cases
     print(json.dumps(report, indent=1))
+    if args.record:
+        record_in_card(args.card, report, llama_cpp_version())
+
+
+def llama_cpp_version() -> str:
+    import llama_cpp
+
+    return llama_cpp.__version__
+
+
+def record_in_card(card: Path, report: dict, version: str) -> None:
+    """Replace the model card's llama.cpp section (its last) with this run's result."""
+    text = card.read_text()
+    head = text.split(LLAMA_CPP_HEADING)[0]
+    cases = report["silu_twin"]
+    lines = [
+        f"Checked with llama-cpp-python {version} (vendored llama.cpp) by",
+        "",
+        "    python tools/default_model_llama_check.py --record",
+        "",
+        "llama.cpp cannot run this file as shipped, and no file of this architecture: its only BitNet",
+        "architecture is `bitnet` (src/llama-arch.cpp), and that graph hard-codes a SiLU-gated FFN",
+        "(src/models/bitnet.cpp, `build_ffn(..., LLM_FFN_SILU, LLM_FFN_PAR, ...)`) without reading",
+        "`<arch>.hidden_activation`. Loading the shipped file: "
+        f"{report['shipped_file_in_llama_cpp']} (its log: unknown model architecture).",
+        "",
+        "Everything else is checked on a twin with the same tensors and tokenizer, relabelled arch `bitnet`",
+        "with `bitnet.hidden_activation = silu` (what llama.cpp computes), run by llama.cpp (f32 KV cache)",
+        "and by our engine, greedy, 32 tokens per parity prompt:",
+        "",
+        "| prompt | llama.cpp tokenisation = ours | greedy ids identical | equal tokens |",
+        "|---|---|---|---|",
+    ]
+    for c in cases:
+        lines.append(
+            f"| `{c['prompt']!r}` | {c['llama_tokenization_matches_fixture']} | {c['greedy_identical']} "
+            f"| {c['tokens_equal_before_first_difference']}/{len(c['ours'])} |"
+        )
+    card.write_text(head + LLAMA_CPP_HEADING + "\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
