@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="model for the server this script starts (default: built-in)")
     p.add_argument("--threads", type=int, help="kernel threads of the server this script starts")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--requests-per-stream", type=int, default=4, help="requests = this x concurrency")
+    p.add_argument("--duration", type=float, default=15.0, help="seconds of load at each concurrency")
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--json", help="write all reports to this file")
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             config = BenchConfig(
                 target,
                 concurrency=c,
-                requests=c * args.requests_per_stream,
+                duration=args.duration,
                 input_len=args.input_len,
                 output_len=args.output_len,
             )
