@@ -1,9 +1,8 @@
-"""Build glue that pyproject.toml cannot express: the source folders map to `bitnet_grpc.*`, the
-Cython kernels compile with OpenMP, and the gRPC stubs are generated from `protos/` at build time so
-the proto file stays their only source."""
+"""Build glue that pyproject.toml cannot express: the source folders map to `bitnet_grpc.*`, each
+Cython kernel compiles with its hand-written C files, and the gRPC stubs are generated from `protos/` at
+build time so the proto file stays their only source."""
 
 import os
-import sys
 from pathlib import Path
 
 from Cython.Build import cythonize
@@ -53,18 +52,9 @@ class BuildPyWithProtos(build_py):
 
 
 def extensions() -> list[Extension]:
-    compile_args = [
-        "-O3",
-        "-fopenmp",
-        "-ffp-contract=off",
-        "-fno-math-errno",
-        "-Wall",
-        "-Wno-unused-function",
-    ]
-    link_args = ["-fopenmp"]
-    if sys.platform == "darwin":  # no OpenMP in Apple clang by default
-        compile_args = [a for a in compile_args if a != "-fopenmp"]
-        link_args = []
+    # No OpenMP: the kernels run on their own worker pool (cyext/ternary_pool.c, shared via task_pool.h).
+    compile_args = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
+    link_args = ["-pthread"]
     exts = []
     for pyx in sorted(Path("cyext").glob("*.pyx")):
         c_sources = [str(p) for p in sorted(Path("cyext").glob(f"{pyx.stem}_*.c"))]

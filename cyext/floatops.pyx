@@ -13,16 +13,32 @@ Layouts (all float32, C order unless said otherwise):
 - KV cache of one layer ``[n_slots, n_kv_heads, ctx, head_dim]``: head-major, so attention streams
   one head's positions from contiguous memory;
 - rotary tables ``cos``/``sin`` ``[ctx, head_dim // 2]`` indexed by position.
+
+Threads: the parallel loops (RMSNorm rows, attention heads, output-head blocks) run as tasks on the
+ternary extension's worker pool (task_pool.h), not OpenMP: a call never waits for a worker that is
+not on a CPU, which on a busy machine cost OpenMP regions milliseconds. Which thread runs a task
+never changes its result.
 """
 
-from cython.parallel cimport prange, threadid
+from os import cpu_count
+
+from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.math cimport expf, sqrt
-from libc.stdint cimport uint16_t
+from libc.stdint cimport int64_t, uint16_t
 from libc.string cimport memcpy
 
 import numpy as np
 
-cimport openmp
+from bitnet_grpc.cyext import ternary as _ternary
+
+
+ctypedef void (*task_fn)(void *ctx, int64_t i, int thread) noexcept nogil
+
+
+cdef extern from "task_pool.h" nogil:
+    int TQ_MAX_THREADS
+    const char *TQ_POOL_CAPSULE
+    ctypedef void (*tq_parallel_fn)(int64_t n_tasks, task_fn task, void *ctx, int n_threads)
 
 
 cdef extern from "floatops_kernels.h" nogil:
@@ -43,9 +59,14 @@ cdef extern from "floatops_kernels.h" nogil:
 
 LANES = FO_LANES
 _PATH_NAMES = ("portable", "avx2")
-cdef int _num_threads = max(1, openmp.omp_get_max_threads())
-# Rows below this run on the calling thread: an OpenMP region costs more than a few short rows.
-cdef int _PARALLEL_MIN_ROWS = 4
+# tq_parallel of the ternary extension: the one worker pool of the process
+cdef tq_parallel_fn _parallel = <tq_parallel_fn>PyCapsule_GetPointer(_ternary._POOL_CAPSULE, TQ_POOL_CAPSULE)
+cdef int _num_threads = min(TQ_MAX_THREADS, max(1, cpu_count() or 1))
+# RMSNorm below this many elements runs on the calling thread: 8 rows of 2560 take 7 us on one thread
+# and 14 us when split (waking a worker costs more than it saves).
+cdef Py_ssize_t _RMSNORM_PARALLEL_MIN = 1 << 17
+# Tasks per thread for loops of equal items: a few, so a thread that starts late leaves its share.
+cdef int _TASKS_PER_THREAD = 4
 # Output-head weight rows per work item: small enough to stay in L2 while each group of four activation
 # rows passes over them, large enough to amortise scheduling.
 cdef Py_ssize_t _HEAD_BLOCK = 64
@@ -58,9 +79,15 @@ fo_select_path(fo_best_path())
 def set_num_threads(int n) -> None:
     """Threads used by the parallel loops (output rows of the head matmul, rows x heads of attention)."""
     global _num_threads
-    if n < 1:
-        raise ValueError(f"threads must be >= 1, got {n}")
+    if not 1 <= n <= TQ_MAX_THREADS:
+        raise ValueError(f"threads must be >= 1 and <= {TQ_MAX_THREADS}, got {n}")
     _num_threads = n
+
+
+cdef inline int64_t _tasks_for(Py_ssize_t items, int threads) noexcept nogil:
+    """Contiguous ranges to split `items` equal items into for `threads` threads."""
+    cdef int64_t tasks = <int64_t>_TASKS_PER_THREAD * threads if threads > 1 else 1
+    return tasks if tasks < items else items
 
 
 def get_num_threads() -> int:
@@ -108,28 +135,41 @@ cdef void _rmsnorm_row(const float *x, const float *w, float *out, Py_ssize_t d,
         out[i] = (x[i] * inv) * w[i]
 
 
+ctypedef struct _RmsnormJob:
+    const float *x
+    const float *w
+    float *out
+    Py_ssize_t xs, os, d, rows
+    int64_t tasks
+    double eps
+
+
+cdef void _rmsnorm_task(void *ctx, int64_t i, int thread) noexcept nogil:
+    cdef _RmsnormJob *j = <_RmsnormJob *>ctx
+    cdef Py_ssize_t r
+    for r in range(j.rows * i // j.tasks, j.rows * (i + 1) // j.tasks):
+        _rmsnorm_row(j.x + r * j.xs, j.w, j.out + r * j.os, j.d, j.eps)
+
+
 def rmsnorm(const float[:, :] x, const float[::1] weight, double eps, float[:, :] out) -> None:
     """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight; sum of squares in float64 (fo_sum_squares).
 
     ``out`` may be ``x`` itself (in place).
     """
-    cdef Py_ssize_t rows = x.shape[0], d = x.shape[1], r
+    cdef Py_ssize_t rows = x.shape[0], d = x.shape[1]
     _check_rows(out, rows, d, "out")
     if weight.shape[0] != d:
         raise ValueError(f"weight has {weight.shape[0]} elements, rows have {d}")
-    cdef Py_ssize_t xs = _row_stride(x, "x"), os = _row_stride(out, "out")
+    cdef _RmsnormJob job
+    job.xs = _row_stride(x, "x")
+    job.os = _row_stride(out, "out")
     if rows == 0:
         return
-    cdef const float *px = &x[0, 0]
-    cdef float *po = &out[0, 0]
-    cdef const float *pw = &weight[0]
-    if rows < _PARALLEL_MIN_ROWS or _num_threads == 1:
-        with nogil:
-            for r in range(rows):
-                _rmsnorm_row(px + r * xs, pw, po + r * os, d, eps)
-    else:
-        for r in prange(rows, nogil=True, schedule="static", num_threads=_num_threads):
-            _rmsnorm_row(px + r * xs, pw, po + r * os, d, eps)
+    job.x, job.w, job.out, job.d, job.rows, job.eps = &x[0, 0], &weight[0], &out[0, 0], d, rows, eps
+    cdef int threads = 1 if rows * d < _RMSNORM_PARALLEL_MIN else _num_threads
+    job.tasks = _tasks_for(rows, threads)
+    with nogil:
+        _parallel(job.tasks, _rmsnorm_task, &job, threads)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -258,6 +298,27 @@ def kv_store(const float[:, :] k, const float[:, :] v, float[:, :, :, ::1] k_cac
                        head_dim * sizeof(float))
 
 
+ctypedef struct _AttentionJob:
+    const float *q
+    const float *k
+    const float *v
+    const int *slots
+    const int *positions
+    float *scores
+    float *out
+    Py_ssize_t qs, os, n_heads, group, head_dim, head_stride, slot_stride, scratch_stride
+    float scale
+
+
+cdef void _attention_task(void *ctx, int64_t item, int thread) noexcept nogil:
+    """Query head item % n_heads of row item // n_heads; scores in the running thread's scratch row."""
+    cdef _AttentionJob *j = <_AttentionJob *>ctx
+    cdef Py_ssize_t r = item // j.n_heads, h = item % j.n_heads
+    cdef Py_ssize_t kv = j.slots[r] * j.slot_stride + (h // j.group) * j.head_stride
+    fo_attend(j.q + r * j.qs + h * j.head_dim, j.k + kv, j.v + kv, j.positions[r] + 1, j.head_dim, j.head_dim,
+              j.scale, j.scores + thread * j.scratch_stride, j.out + r * j.os + h * j.head_dim)
+
+
 def attention(const float[:, :] q, const float[:, :, :, ::1] k_cache, const float[:, :, :, ::1] v_cache,
               const int[::1] slots, const int[::1] positions, float[:, :] out,
               float[:, ::1] scratch) -> None:
@@ -273,73 +334,74 @@ def attention(const float[:, :] q, const float[:, :, :, ::1] k_cache, const floa
     cdef Py_ssize_t ctx = k_cache.shape[2]
     if head_dim < 1 or q.shape[1] % head_dim or (q.shape[1] // head_dim) % n_kv:
         raise ValueError(f"q width {q.shape[1]} is not a multiple of n_kv {n_kv} * head_dim {head_dim}")
-    cdef Py_ssize_t n_heads = q.shape[1] // head_dim, group = n_heads // n_kv
+    cdef Py_ssize_t n_heads = q.shape[1] // head_dim
     _check_rows(out, rows, q.shape[1], "out")
     _check_cache(k_cache, v_cache, slots, positions, rows)
     if scratch.shape[0] < 1 or scratch.shape[1] < ctx:
         raise ValueError(f"scratch must be [threads, >= {ctx}], got ({scratch.shape[0]}, {scratch.shape[1]})")
-    cdef Py_ssize_t qs = _row_stride(q, "q"), os = _row_stride(out, "out")
+    cdef _AttentionJob job
+    job.qs = _row_stride(q, "q")
+    job.os = _row_stride(out, "out")
     if rows == 0:
         return
-    cdef float scale = <float>(1.0 / sqrt(<double>head_dim))
-    cdef Py_ssize_t pos_stride = head_dim, head_stride = ctx * head_dim, slot_stride = n_kv * head_stride
-    cdef Py_ssize_t scratch_stride = scratch.shape[1]
-    cdef Py_ssize_t work = rows * n_heads, item, r, h
-    cdef int threads = min(_num_threads, <int>scratch.shape[0])
-    cdef const float *pq = &q[0, 0]
-    cdef const float *pk = &k_cache[0, 0, 0, 0]
-    cdef const float *pv = &v_cache[0, 0, 0, 0]
-    cdef float *po = &out[0, 0]
-    cdef float *ps = &scratch[0, 0]
-    cdef Py_ssize_t positions_total = 0
+    job.q, job.k, job.v, job.out, job.scores = &q[0, 0], &k_cache[0, 0, 0, 0], &v_cache[0, 0, 0, 0], &out[0, 0], &scratch[0, 0]
+    job.slots, job.positions = &slots[0], &positions[0]
+    job.n_heads, job.group, job.head_dim = n_heads, n_heads // n_kv, head_dim
+    job.head_stride, job.slot_stride, job.scratch_stride = ctx * head_dim, n_kv * ctx * head_dim, scratch.shape[1]
+    job.scale = <float>(1.0 / sqrt(<double>head_dim))
+    cdef Py_ssize_t work = rows * n_heads, r, positions_total = 0
     for r in range(rows):
         positions_total += positions[r] + 1
-    if threads == 1 or work < 2 or positions_total * n_heads < _ATTENTION_PARALLEL_MIN:
-        with nogil:
-            for item in range(work):
-                r = item // n_heads
-                h = item % n_heads
-                fo_attend(
-                    pq + r * qs + h * head_dim,
-                    pk + slots[r] * slot_stride + (h // group) * head_stride,
-                    pv + slots[r] * slot_stride + (h // group) * head_stride,
-                    positions[r] + 1, pos_stride, head_dim, scale, ps, po + r * os + h * head_dim,
-                )
-    else:
-        for item in prange(work, nogil=True, schedule="dynamic", num_threads=threads):
-            r = item // n_heads
-            h = item % n_heads
-            fo_attend(
-                pq + r * qs + h * head_dim,
-                pk + slots[r] * slot_stride + (h // group) * head_stride,
-                pv + slots[r] * slot_stride + (h // group) * head_stride,
-                positions[r] + 1, pos_stride, head_dim, scale, ps + threadid() * scratch_stride,
-                po + r * os + h * head_dim,
-            )
+    cdef int threads = min(_num_threads, <int>min(scratch.shape[0], TQ_MAX_THREADS))
+    if work < 2 or positions_total * n_heads < _ATTENTION_PARALLEL_MIN:
+        threads = 1
+    # one task per (row, head): items differ in length (positions), so the pool hands them out one by one
+    with nogil:
+        _parallel(work, _attention_task, &job, threads)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Output head and embedding lookup
 
 
+ctypedef struct _HeadJob:
+    const float *x
+    const char *w
+    float *out
+    Py_ssize_t xs, os, rows, n, d, row_bytes, blocks
+    int64_t tasks
+    int wtype
+
+
+cdef void _head_task(void *ctx, int64_t i, int thread) noexcept nogil:
+    """A contiguous range of _HEAD_BLOCK-row blocks of the weight matrix."""
+    cdef _HeadJob *j = <_HeadJob *>ctx
+    cdef Py_ssize_t block, v
+    for block in range(j.blocks * i // j.tasks, j.blocks * (i + 1) // j.tasks):
+        v = block * _HEAD_BLOCK
+        fo_head_rows(j.x, j.xs, j.rows, j.w + v * j.row_bytes, min(_HEAD_BLOCK, j.n - v), j.wtype, j.d,
+                     j.out + v, j.os)
+
+
 cdef void _head(const float[:, :] x, const void *w, Py_ssize_t n, Py_ssize_t d, int wtype,
                 float[:, :] out) except *:
     """out[r, v] = dot(x[r], row v of w) for the n rows of w (d elements of type wtype each)."""
-    cdef Py_ssize_t rows = x.shape[0], v, block
+    cdef Py_ssize_t rows = x.shape[0]
     if x.shape[1] != d:
         raise ValueError(f"w has rows of {d}, x has rows of {x.shape[1]}")
     _check_rows(out, rows, n, "out")
-    cdef Py_ssize_t xs = _row_stride(x, "x"), os = _row_stride(out, "out")
-    cdef Py_ssize_t row_bytes = d * (4 if wtype == FO_W_F32 else 2)
+    cdef _HeadJob job
+    job.xs = _row_stride(x, "x")
+    job.os = _row_stride(out, "out")
     if rows == 0 or n == 0:
         return
-    cdef const float *px = &x[0, 0]
-    cdef const char *pw = <const char *>w
-    cdef float *po = &out[0, 0]
-    for block in prange((n + _HEAD_BLOCK - 1) // _HEAD_BLOCK, nogil=True, schedule="static",
-                        num_threads=_num_threads):
-        v = block * _HEAD_BLOCK
-        fo_head_rows(px, xs, rows, pw + v * row_bytes, min(_HEAD_BLOCK, n - v), wtype, d, po + v, os)
+    job.x, job.w, job.out, job.rows, job.n, job.d, job.wtype = &x[0, 0], <const char *>w, &out[0, 0], rows, n, d, wtype
+    job.row_bytes = d * (4 if wtype == FO_W_F32 else 2)
+    job.blocks = (n + _HEAD_BLOCK - 1) // _HEAD_BLOCK
+    cdef int threads = _num_threads
+    job.tasks = _tasks_for(job.blocks, threads)
+    with nogil:
+        _parallel(job.tasks, _head_task, &job, threads)
 
 
 def matmul_rows(const float[:, :] x, const float[:, ::1] w, float[:, :] out) -> None:

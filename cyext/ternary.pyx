@@ -45,12 +45,19 @@ import os
 
 import numpy as np
 
+from cpython.pycapsule cimport PyCapsule_New
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
+
+
+cdef extern from "task_pool.h" nogil:
+    int TQ_MAX_THREADS
+    const char *TQ_POOL_CAPSULE
 
 
 cdef extern from "ternary_kernels.h" nogil:
     int TQ_N_PATHS
-    int TQ_MAX_THREADS
+    void tq_parallel(int64_t n_tasks, void (*task)(void *ctx, int64_t i, int thread) noexcept nogil, void *ctx,
+                     int n_threads)
 
     ctypedef struct tq_gemm_args:
         const int8_t *xq
@@ -85,6 +92,9 @@ MAX_THREADS = TQ_MAX_THREADS
 
 cdef int _num_threads = min(MAX_THREADS, max(1, os.cpu_count() or 1))
 cdef int _path = 0
+
+# The worker pool (ternary_pool.c) for the other kernel extension, floatops: one pool per process.
+_POOL_CAPSULE = PyCapsule_New(<void *>tq_parallel, TQ_POOL_CAPSULE, NULL)
 
 
 def padded_k(k: int) -> int:

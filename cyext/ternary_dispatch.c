@@ -44,7 +44,7 @@ typedef struct {
 } gemm_job;
 
 /* Task i: one contiguous range of whole 4-row output tiles. */
-static void gemm_task(void *ctx, int64_t i) {
+static void gemm_task(void *ctx, int64_t i, int thread) {
     const gemm_job *j = (const gemm_job *)ctx;
     int64_t n0 = 4 * (j->tiles * i / j->tasks), n1 = 4 * (j->tiles * (i + 1) / j->tasks);
     if (n1 > j->a->N) n1 = j->a->N;

@@ -10,6 +10,8 @@
 
 #include <stdint.h>
 
+#include "task_pool.h"
+
 #define TQ_BLOCK 256      /* weights per packed block */
 #define TQ_BLOCK_BYTES 64 /* 2 bits per weight */
 
@@ -46,10 +48,7 @@ static inline void tq_store(const tq_gemm_args *a, int64_t m, int64_t n, int32_t
     a->out[m * a->out_stride + n] = ((float)acc / a->x_scale[m]) * a->w_scale[n];
 }
 
-/* ternary_pool.c: run task(ctx, i) for i in [0, n_tasks) on the calling thread and up to n_threads - 1
- * pool workers; returns when every task has finished. Never waits for a worker that has not started. */
-#define TQ_MAX_THREADS 256
-typedef void (*tq_task_fn)(void *ctx, int64_t i);
+/* ternary_pool.c (declared in task_pool.h, shared with floatops) */
 void tq_parallel(int64_t n_tasks, tq_task_fn task, void *ctx, int n_threads);
 
 /* ternary_dispatch.c */

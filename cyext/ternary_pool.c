@@ -1,4 +1,5 @@
-/* The ternary kernels' thread pool: a call never waits for a thread that has not started.
+/* The kernels' thread pool (ternary and, through a capsule, floatops; task_pool.h): a call never
+ * waits for a thread that has not started.
  *
  * Why not OpenMP: an OpenMP parallel region ends in a barrier that waits for every thread of the team.
  * When other processes keep the cores busy (a shared machine, or the server's own gRPC and Python
@@ -35,8 +36,8 @@
 
 #define MAX_WORKERS (TQ_MAX_THREADS - 1)
 /* An idle worker first spins briefly, then polls between sched_yield calls (so another thread that
- * wants this CPU, such as an OpenMP worker of another kernel, gets it at once), then sleeps. Together
- * about half a millisecond: longer than the gaps between the calls of a forward pass. */
+ * wants this CPU, such as the server's Python threads, gets it at once), then sleeps. Together about
+ * half a millisecond: longer than the gaps between the kernel calls of a forward pass. */
 #define WORKER_SPINS 2000
 #define WORKER_YIELDS 300
 #define CALLER_SPINS 2000 /* then the waiting caller yields its CPU (a worker may need it to finish) */
@@ -59,8 +60,8 @@ static struct {
     pthread_cond_t wake;
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
 
-/* Take and run tasks of generation `gen` until none is left. */
-static void run_tasks(uint32_t gen) {
+/* Take and run tasks of generation `gen` until none is left; `thread` is this thread's index in the job. */
+static void run_tasks(uint32_t gen, int thread) {
     for (;;) {
         uint64_t c = atomic_load_explicit(&pool.claim, memory_order_acquire);
         if ((uint32_t)(c >> 32) != gen) return;
@@ -72,7 +73,7 @@ static void run_tasks(uint32_t gen) {
                                                    memory_order_acquire))
             continue;
         /* the claim succeeded for `gen`, so that job is unfinished and fn/ctx above are its own */
-        fn(ctx, i);
+        fn(ctx, i, thread);
         atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
     }
 }
@@ -102,7 +103,7 @@ static void *worker_main(void *arg) {
     for (;;) {
         uint64_t c = wait_for_generation_after(seen);
         seen = (uint32_t)(c >> 32);
-        if (id < atomic_load_explicit(&pool.helpers, memory_order_relaxed)) run_tasks(seen);
+        if (id < atomic_load_explicit(&pool.helpers, memory_order_relaxed)) run_tasks(seen, id + 1);
     }
     return NULL;
 }
@@ -149,7 +150,7 @@ void tq_parallel(int64_t n_tasks, tq_task_fn fn, void *ctx, int n_threads) {
         pthread_mutex_lock(&pool.lock);
         if (pool.sleepers) pthread_cond_broadcast(&pool.wake);
         pthread_mutex_unlock(&pool.lock);
-        run_tasks(gen);
+        run_tasks(gen, 0);
         for (int polls = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < n_tasks; polls++) {
             if (polls < CALLER_SPINS)
                 cpu_relax();
@@ -159,5 +160,5 @@ void tq_parallel(int64_t n_tasks, tq_task_fn fn, void *ctx, int n_threads) {
         atomic_store_explicit(&pool.busy, 0, memory_order_release);
         return;
     }
-    for (int64_t i = 0; i < n_tasks; i++) fn(ctx, i);
+    for (int64_t i = 0; i < n_tasks; i++) fn(ctx, i, 0);
 }

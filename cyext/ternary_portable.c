@@ -100,7 +100,7 @@ typedef struct {
     _Atomic int64_t bad_row;
 } quantize_job;
 
-static void quantize_task(void *ctx, int64_t i) {
+static void quantize_task(void *ctx, int64_t i, int thread) {
     quantize_job *j = (quantize_job *)ctx;
     for (int64_t m = part_start(j->M, j->tasks, i); m < part_start(j->M, j->tasks, i + 1); m++) {
         const float *row = j->x + m * j->x_stride;
@@ -151,7 +151,7 @@ typedef struct {
     _Atomic int64_t bad;
 } pack_job;
 
-static void pack_task(void *ctx, int64_t i) {
+static void pack_task(void *ctx, int64_t i, int thread) {
     pack_job *j = (pack_job *)ctx;
     const int64_t row_bytes = j->Kp / 4, K = j->K;
     for (int64_t n = part_start(j->N, j->tasks, i); n < part_start(j->N, j->tasks, i + 1); n++) {
@@ -185,7 +185,7 @@ int64_t tq_pack(const int8_t *codes, int64_t N, int64_t K, int64_t Kp, uint8_t *
     return found(&j.bad);
 }
 
-static void unpack_task(void *ctx, int64_t i) {
+static void unpack_task(void *ctx, int64_t i, int thread) {
     pack_job *j = (pack_job *)ctx;
     const int64_t row_bytes = j->Kp / 4;
     for (int64_t n = part_start(j->N, j->tasks, i); n < part_start(j->N, j->tasks, i + 1); n++) {
@@ -223,7 +223,7 @@ typedef struct {
 
 /* Row sums of |w| in float64, each row left to right. Four rows advance together to hide the add
  * latency; that does not change any row's own order. Tasks are ranges of 4-row groups. */
-static void row_sums_task(void *ctx, int64_t i) {
+static void row_sums_task(void *ctx, int64_t i, int thread) {
     ternarize_job *j = (ternarize_job *)ctx;
     const int64_t groups = (j->N + 3) / 4, K = j->K;
     for (int64_t g = part_start(groups, j->tasks, i); g < part_start(groups, j->tasks, i + 1); g++) {
@@ -245,7 +245,7 @@ static void row_sums_task(void *ctx, int64_t i) {
     }
 }
 
-static void codes_task(void *ctx, int64_t i) {
+static void codes_task(void *ctx, int64_t i, int thread) {
     ternarize_job *j = (ternarize_job *)ctx;
     const int64_t K = j->K;
     for (int64_t n = part_start(j->N, j->tasks, i); n < part_start(j->N, j->tasks, i + 1); n++) {

@@ -282,3 +282,72 @@ def test_attention_parallel_path_equals_one_thread():
     np.testing.assert_allclose(
         results[1], ref.attention(q, k_cache, v_cache, slots, positions), rtol=1e-5, atol=2e-6
     )
+
+
+def test_rmsnorm_threads_give_identical_rows():
+    rng = np.random.default_rng(13)
+    x, w = rand(rng, 67, 2000), rand(rng, 2000)  # enough elements to be split between threads
+    threads = floatops.get_num_threads()
+    results = []
+    try:
+        for n_threads in (1, 2, 3):
+            floatops.set_num_threads(n_threads)
+            out = np.empty_like(x)
+            floatops.rmsnorm(x, w, 1e-6, out)
+            results.append(out)
+    finally:
+        floatops.set_num_threads(threads)
+    for other in results[1:]:
+        np.testing.assert_array_equal(other, results[0])
+    np.testing.assert_array_equal(results[0], ref.rmsnorm(x, w, 1e-6))
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        floatops.set_num_threads(0)
+
+
+def test_float_and_ternary_kernels_share_the_pool_from_two_python_threads():
+    """Both extensions run on one worker pool: while one Python thread's job holds it, the other's
+    runs on its own thread (its own scratch row 0). Every result must stay bit-identical."""
+    import threading
+
+    from bitnet_grpc.cyext import ternary
+
+    rng = np.random.default_rng(14)
+    k_cache, v_cache = make_cache(rng, n_slots=2, ctx=300, n_kv=2, head_dim=32)
+    q = rand(rng, 4, 4 * 32)
+    slots, positions = np.array([0, 1, 0, 1], np.int32), np.array([299, 250, 3, 200], np.int32)
+    x, w = rand(rng, 5, 1024), rand(rng, 700, 1024)  # both big enough to be split between threads
+    codes = rng.integers(-1, 2, size=(1200, 1024)).astype(np.int8)
+    packed, w_scale = ternary.pack_ternary(codes), np.ones(1200, np.float32)
+    want_attention = np.empty_like(q)
+    floatops.attention(q, k_cache, v_cache, slots, positions, want_attention, np.empty((2, 300), np.float32))
+    want_head = np.empty((5, 700), np.float32)
+    floatops.matmul_rows(x, w, want_head)
+    want_ternary = ternary.bitlinear(x, packed, w_scale)
+    failures = []
+
+    def float_worker():
+        scratch, out, head = np.empty((2, 300), np.float32), np.empty_like(q), np.empty((5, 700), np.float32)
+        for _ in range(100):
+            floatops.attention(q, k_cache, v_cache, slots, positions, out, scratch)
+            floatops.matmul_rows(x, w, head)
+            if not (np.array_equal(out, want_attention) and np.array_equal(head, want_head)):
+                failures.append("float")
+
+    def ternary_worker():
+        for _ in range(200):
+            if not np.array_equal(ternary.bitlinear(x, packed, w_scale), want_ternary):
+                failures.append("ternary")
+
+    threads = floatops.get_num_threads(), ternary.get_num_threads()
+    floatops.set_num_threads(2)
+    ternary.set_num_threads(2)
+    try:
+        workers = [threading.Thread(target=float_worker), threading.Thread(target=ternary_worker)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+    finally:
+        floatops.set_num_threads(threads[0])
+        ternary.set_num_threads(threads[1])
+    assert failures == []
