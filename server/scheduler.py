@@ -105,6 +105,9 @@ class Sequence:
     slot: int | None = None
     prefilled: int = 0
     done: bool = False
+    # Set (by the engine thread) after this sequence's last update is in its channel: a reader that
+    # sleeps between messages wakes at once for the end instead of sitting out its interval.
+    ended: threading.Event | None = None
     _cancelled: bool = False
     _wake: Callable[[], None] | None = None
 
@@ -351,3 +354,5 @@ class Scheduler:
             return
         seq.done = True
         seq.channel.put(Update(seq.tag, last, now))
+        if seq.ended is not None:
+            seq.ended.set()

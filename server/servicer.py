@@ -287,8 +287,9 @@ class TextGenerationServicer:
             with self._admission(backend, 1):
                 channel: queue.Queue = queue.Queue()
                 seq = self._new_sequence(backend, checked, channel, 0, _deadline(context))
-                self._submit(backend, context, channel, [seq])
-                for delivery in self._updates(channel, 1, context):
+                ended = seq.ended = threading.Event()
+                self._submit(backend, context, channel, [seq], ended)
+                for delivery in self._updates(channel, 1, context, ended):
                     self._observe(seq, delivery, record)
                     if delivery.events:
                         yield self._response(backend, seq, delivery)
@@ -341,8 +342,11 @@ class TextGenerationServicer:
                 channel: queue.Queue = queue.Queue()
                 deadline = _deadline(context)
                 seqs = {i: self._new_sequence(backend, c, channel, i, deadline) for i, c in checked.items()}
-                self._submit(backend, context, channel, list(seqs.values()))
-                for delivery in self._updates(channel, len(seqs), context):
+                ended = threading.Event()
+                for seq in seqs.values():
+                    seq.ended = ended
+                self._submit(backend, context, channel, list(seqs.values()), ended)
+                for delivery in self._updates(channel, len(seqs), context, ended):
                     index = delivery.tag
                     self._observe(seqs[index], delivery, records[index])
                     if delivery.events:
@@ -421,12 +425,18 @@ class TextGenerationServicer:
                 self._idle.notify_all()
 
     def _submit(
-        self, backend: Backend, context: grpc.ServicerContext, channel: queue.Queue, seqs: list[Sequence]
+        self,
+        backend: Backend,
+        context: grpc.ServicerContext,
+        channel: queue.Queue,
+        seqs: list[Sequence],
+        ended: threading.Event,
     ) -> None:
         def call_ended() -> None:
             for seq in seqs:
                 seq.cancel()
             channel.put(_CALL_ENDED)
+            ended.set()
 
         try:
             backend.scheduler.submit(seqs)
@@ -438,23 +448,25 @@ class TextGenerationServicer:
             call_ended()  # the RPC already ended
 
     def _updates(
-        self, channel: queue.Queue, count: int, context: grpc.ServicerContext
+        self, channel: queue.Queue, count: int, context: grpc.ServicerContext, ended: threading.Event
     ) -> Iterator[_Delivery]:
         """Channel updates, each sequence's ready tokens merged, until `count` sequences have ended.
 
         The first message goes out as soon as there is a token. After that the handler sleeps out the
         rest of `stream_interval` before it looks again, rather than waking for every token: a woken
         handler competes with the engine thread for the GIL (and the engine's `put` wakes nobody when
-        nobody waits), so fewer wake-ups and fewer, fuller messages leave the CPU to the engine. A
-        cancellation is noticed after at most one interval; the engine has dropped the sequence by then.
+        nobody waits), so fewer wake-ups and fewer, fuller messages leave the CPU to the engine. The
+        pause is cut short by `ended` (a sequence's last update is in the channel, or the call ended):
+        a finished stream's last tokens go out at once, not up to an interval late, which would leave
+        a closed-loop client idle and its KV slot unused for that long.
         """
         open_count = count
         sent_at: float | None = None  # when the previous message went out
         while open_count:
             if sent_at is not None:
                 pause = sent_at + self.stream_interval - time.monotonic()
-                if pause > 0:
-                    time.sleep(pause)
+                if pause > 0 and ended.wait(pause):
+                    ended.clear()  # updates put before the set are in the channel: taken just below
             items = _take_ready(channel)
             if not items:
                 try:

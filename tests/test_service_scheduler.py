@@ -80,9 +80,10 @@ def test_running_streams_keep_flowing_during_a_long_prefill(engine) -> None:
         first = drain(newcomer)[0]
         prefill_steps = scheduler.steps - steps_before
         assert prefill_steps >= 140 // 7
-        # The runner got a token in every step of the newcomer's prefill.
+        # The runner got a token in every step of the newcomer's prefill (at least 140 / 7 of them;
+        # `prefill_steps` may also count steps the engine ran before the admission or after the token).
         during = [u for u in drain_available(runner) if u.time <= first.time]
-        assert len(during) >= prefill_steps - 1
+        assert len(during) >= 140 // 7
     finally:
         scheduler.stop()
 
