@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from bitnet_grpc.server.model import Model
-from bitnet_grpc.server.sampling import Sampler, SamplingParams
+from bitnet_grpc.server.sampling import Sampler, SamplingParams, choose_batch
 from bitnet_grpc.server.tokenizer import IncrementalDecoder, Tokenizer
 from bitnet_grpc.server.weights import ModelWeights
 
@@ -130,15 +130,20 @@ class SequenceState:
         """Where `last_token` goes in the KV cache."""
         return len(self.prompt_ids) + len(self.generated) - 1
 
-    def step(self, logits: np.ndarray) -> GenerationEvent:
+    def mask_padding(self, logits: np.ndarray) -> None:
+        """Ids without text are never sampled (the row is this sequence's own: masked in place)."""
+        if self.text_vocab < logits.shape[-1]:
+            logits[..., self.text_vocab :] = -np.inf
+
+    def step(self, logits: np.ndarray, token: int | None = None) -> GenerationEvent:
         """Sample one token from this sequence's logits row and turn it into an event.
 
-        The row belongs to this sequence for the call (it may be modified in place)."""
+        The row belongs to this sequence for the call (it may be modified in place). `token`: already
+        chosen from this row by `choose_tokens`."""
         if self.finish_reason is not None:
             raise RuntimeError("the sequence has already finished")
-        if self.text_vocab < logits.shape[0]:
-            logits[self.text_vocab :] = -np.inf  # the row is this sequence's own: mask padding ids in place
-        sample = self.sampler.sample(logits)
+        self.mask_padding(logits)
+        sample = self.sampler.sample(logits, token)
         token = sample.token_id
         self.generated.append(token)
         finish = None
@@ -160,6 +165,15 @@ class SequenceState:
         that was waiting to see whether it starts a stop string."""
         tail, hit = self.stops.push(self.decoder.flush())
         return tail if hit else tail + self.stops.flush()
+
+
+def choose_tokens(states: list[SequenceState], logits: np.ndarray) -> list[int | None]:
+    """The next tokens of a batch (row i of `logits` is states[i]'s), chosen together where the
+    sampling allows (`sampling.choose_batch`); None for a state to sample on its own in `step`."""
+    if any(state.text_vocab < logits.shape[1] for state in states):
+        for state, row in zip(states, logits, strict=True):
+            state.mask_padding(row)
+    return choose_batch([state.sampler for state in states], logits)
 
 
 class Engine:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from bitnet_grpc.proto import generation_pb2 as pb
 from bitnet_grpc.server.chat_template import ChatTemplateError
-from bitnet_grpc.server.engine import DEFAULT_MODEL, Engine
+from bitnet_grpc.server.engine import DEFAULT_MODEL, Engine, choose_tokens
 from bitnet_grpc.server.scheduler import DEFAULT_STEP_TOKENS, Scheduler, Sequence
 from bitnet_grpc.server.validation import CheckedGenerate, GenerationLimits, InvalidField
 from bitnet_grpc.server.weights import ModelWeights
@@ -54,6 +54,7 @@ class EngineBackend:
             max_batch=max_batch,
             max_queue=max_queue,
             step_tokens=max(step_tokens or DEFAULT_STEP_TOKENS, max_batch),
+            choose=choose_tokens,
         )
         self.limits = GenerationLimits(
             vocab_size=engine.config.vocab_size,

@@ -12,6 +12,12 @@ its own logits (never on what else shares the batch). The pipeline, in this orde
 3. otherwise divide by the temperature, then top-k, top-p (smallest most-probable set whose mass
    reaches top_p), min-p (drop tokens below min_p * the top probability), renormalise, draw.
 
+The scheduler chooses the tokens of a whole batch at once (`choose_batch`): greedy rows take one
+arg-max over the batch, plain temperature rows (no penalties, top-k, top-p or min-p) one divide, exp and
+draw over the batch. Every operation there is element-wise, an exact max, or a sequential cumulative
+sum, so a row's token never depends on the other rows; the one-row path runs the same code on a batch
+of one, so a sequence draws the same tokens alone or batched.
+
 Logprobs are the log-softmax of the raw model logits (before penalties and temperature): they describe
 the model, not the sampling settings, which matches what OpenAI-style APIs return.
 """
@@ -148,15 +154,29 @@ class Sampler:
         p = self.params
         return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
-    def sample(self, logits: np.ndarray) -> Sample:
-        """Choose the next token from a logits row (not modified) and remember it for penalties."""
+    @property
+    def plain(self) -> bool:
+        """No penalties and no truncation: the token depends on the raw row and the temperature only,
+        so `choose_batch` can choose it together with other sequences' tokens."""
+        p = self.params
+        no_top_k = p.top_k == 0 or p.top_k >= self.vocab_size
+        return not self._has_penalties and no_top_k and p.top_p >= 1.0 and p.min_p <= 0.0
+
+    def sample(self, logits: np.ndarray, token: int | None = None) -> Sample:
+        """Choose the next token from a logits row (not modified) and remember it for penalties.
+
+        `token`: already chosen from this row by `choose_batch` (which drew this sampler's random
+        number); then only the logprobs and the bookkeeping are left."""
         if logits.shape != (self.vocab_size,):
             raise ValueError(f"logits row has shape {logits.shape}, expected ({self.vocab_size},)")
-        scores = self.apply_penalties(logits)
-        if self.params.temperature == 0.0:
-            token = int(np.argmax(scores))
-        else:
-            token = self._draw(scores)
+        if token is None:
+            scores = self.apply_penalties(logits)
+            if self.params.temperature == 0.0:
+                token = int(np.argmax(scores))
+            elif self.plain:
+                token = int(draw_rows(scores[None], np.array([self.params.temperature]), self._uniform())[0])
+            else:
+                token = self._draw(scores)
         result = self._with_logprobs(logits, token)
         self.record(token)
         return result
@@ -184,6 +204,10 @@ class Sampler:
             counts = np.fromiter(self._counts.values(), np.float32, len(self._counts))
             out[ids] -= np.float32(p.presence_penalty) + np.float32(p.frequency_penalty) * counts
         return out
+
+    def _uniform(self) -> np.ndarray:
+        """This sequence's next random number, as a batch of one."""
+        return np.array([self._rng.random()])
 
     def _draw(self, scores: np.ndarray) -> int:
         p = self.params
@@ -221,6 +245,60 @@ class Sampler:
             float(logits[token]) - log_total,
             [(int(t), float(logits[t]) - log_total) for t in top],
         )
+
+
+def choose_batch(samplers: list[Sampler], logits: np.ndarray) -> list[int | None]:
+    """Tokens for rows of plain samplers (row i of `logits` is samplers[i]'s), None for the others.
+
+    One arg-max for the greedy rows and one `draw_rows` for the temperature rows, instead of a dozen
+    small numpy calls per sequence. Each sampler's random number is drawn here, in the same order as
+    `Sampler.sample` would, so pass the result to `sample(row, token)`.
+    """
+    chosen: list[int | None] = [None] * len(samplers)
+    greedy = [i for i, s in enumerate(samplers) if s.plain and s.params.temperature == 0.0]
+    drawn = [i for i, s in enumerate(samplers) if s.plain and s.params.temperature != 0.0]
+    if greedy:
+        for i, token in zip(greedy, np.argmax(logits[greedy], axis=1).tolist(), strict=True):
+            chosen[i] = token
+    if drawn:
+        temperatures = np.array([samplers[i].params.temperature for i in drawn])
+        uniforms = np.array([samplers[i]._rng.random() for i in drawn])
+        for i, token in zip(drawn, draw_rows(logits[drawn], temperatures, uniforms).tolist(), strict=True):
+            chosen[i] = token
+    return chosen
+
+
+def draw_rows(scores: np.ndarray, temperatures: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """One token per row from softmax(scores[i] / temperatures[i]), using uniforms[i] in [0, 1)."""
+    z = np.divide(scores, temperatures[:, None], dtype=np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    return pick_rows(np.exp(z, out=z), uniforms)
+
+
+def pick_rows(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """Column i of each row with probability weights[row, i] / sum(row), for u uniform in [0, 1).
+
+    No full sequential pass: one sum per block of _BLOCK columns, a cumulative sum over the block
+    totals, then one inside the block where u lands; a few numpy calls for the whole batch. Each
+    (row, block) sum is one reduction over that block's contiguous values, and cumulative sums are
+    sequential, so a row's result never depends on the other rows.
+    """
+    n, width = weights.shape
+    n_blocks = -(-width // _BLOCK)
+    if width != n_blocks * _BLOCK:  # zero weights at the end are never picked
+        weights = np.concatenate([weights, np.zeros((n, n_blocks * _BLOCK - width))], axis=1)
+    block_cum = np.cumsum(np.add.reduceat(weights, np.arange(0, width, _BLOCK), axis=1), axis=1)
+    rows = np.arange(n)
+    target = uniforms * block_cum[:, -1]
+    block = np.minimum((block_cum <= target[:, None]).sum(axis=1), n_blocks - 1)
+    before = np.where(block > 0, block_cum[rows, block - 1], 0.0)
+    inner = np.cumsum(weights.reshape(n, n_blocks, _BLOCK)[rows, block], axis=1)
+    index = np.minimum((inner <= (target - before)[:, None]).sum(axis=1), _BLOCK - 1)
+    picks = block * _BLOCK + index
+    for r in np.flatnonzero(weights[rows, picks] == 0.0):  # only rounding can land on a zero weight
+        while weights[r, picks[r]] == 0.0 and picks[r] > 0:
+            picks[r] -= 1
+    return picks
 
 
 def top_indices(values: np.ndarray, k: int) -> np.ndarray:
@@ -265,20 +343,5 @@ def _nucleus(weights: np.ndarray, top_p: float) -> np.ndarray:
 
 
 def _pick(weights: np.ndarray, u: float) -> int:
-    """Index i with probability weights[i] / sum, for u uniform in [0, 1).
-
-    Cumulative sums run per block of _BLOCK: one pass of block sums, then a cumsum inside one block, so
-    a whole-vocabulary draw never does a full sequential cumsum.
-    """
-    n = weights.shape[0]
-    starts = np.arange(0, n, _BLOCK)
-    block_cum = np.cumsum(np.add.reduceat(weights, starts))
-    target = u * block_cum[-1]
-    block = min(int(np.searchsorted(block_cum, target, side="right")), len(starts) - 1)
-    before = block_cum[block - 1] if block else 0.0
-    inner = np.cumsum(weights[starts[block] : starts[block] + _BLOCK])
-    index = min(int(np.searchsorted(inner, target - before, side="right")), inner.shape[0] - 1)
-    position = int(starts[block] + index)
-    while weights[position] == 0.0 and position > 0:  # only rounding can land on a zero weight
-        position -= 1
-    return position
+    """Index i with probability weights[i] / sum, for u uniform in [0, 1) (`pick_rows` on one row)."""
+    return int(pick_rows(weights[None], np.array([u]))[0])

@@ -55,9 +55,14 @@ class SequenceDecoder(Protocol):
     def last_token(self) -> int: ...
     @property
     def next_position(self) -> int: ...
-    def step(self, logits: np.ndarray) -> Any:
-        """Sample from this sequence's logits row; returns the client's event (`finish_reason` set on
-        the last one)."""
+    def step(self, logits: np.ndarray, token: int | None = None) -> Any:
+        """Sample from this sequence's logits row (or take `token`, chosen from it by the batch
+        chooser); returns the client's event (`finish_reason` set on the last one)."""
+
+
+# Chooses the tokens of a whole batch at once where it can (engine.choose_tokens): row i is the
+# i-th decoder's; None leaves that decoder to sample its row itself.
+BatchChooser = Callable[[list[Any], np.ndarray], list[int | None]]
 
 
 class BatchModel(Protocol):
@@ -132,6 +137,7 @@ class Scheduler:
         max_batch: int,
         max_queue: int,
         step_tokens: int = DEFAULT_STEP_TOKENS,
+        choose: BatchChooser | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"need max_batch >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
@@ -140,6 +146,7 @@ class Scheduler:
         if max_batch > model.kv.n_slots:
             raise ValueError(f"max_batch {max_batch} exceeds the model's {model.kv.n_slots} KV cache slots")
         self._model = model
+        self._choose = choose
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.step_tokens = step_tokens
@@ -247,11 +254,14 @@ class Scheduler:
         now = time.monotonic()
         self._step_seconds = 0.9 * self._step_seconds + 0.1 * (now - started)
         self.steps += 1
+        chosen: list[int | None] = [None] * len(samplers)
+        if self._choose is not None:
+            chosen = self._choose([seq.decoder for seq in samplers], logits)
         for row, seq in enumerate(samplers):
             if seq.cancelled:  # cancelled during the forward pass: its token would go nowhere
                 continue
             try:
-                event = seq.decoder.step(logits[row])
+                event = seq.decoder.step(logits[row], chosen[row])
             except Exception:  # one sequence's failure (say, its stop-string code) is its own
                 log.exception("sampling failed for request %s", seq.request_id)
                 self._retire(seq)

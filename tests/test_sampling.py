@@ -10,6 +10,9 @@ from bitnet_grpc.server.sampling import (
     SamplingParams,
     _nucleus,
     _pick,
+    choose_batch,
+    draw_rows,
+    pick_rows,
     top_indices,
 )
 
@@ -189,6 +192,45 @@ def test_top_indices_finds_the_k_largest(n, k):
     got = top_indices(values, k)
     assert len(set(got.tolist())) == k
     assert np.sort(values[got])[::-1].tolist() == np.sort(values)[::-1][:k].tolist()
+
+
+def test_batch_draws_equal_one_row_draws():
+    """A row's token never depends on the other rows of the batch (the scheduler's invariance)."""
+    rng = np.random.default_rng(3)
+    scores = (rng.standard_normal((16, 1000)) * 4).astype(np.float32)  # 1000: not whole blocks
+    scores[5, 900:] = -np.inf  # masked padding ids
+    temperatures = rng.uniform(0.2, 2.0, 16)
+    uniforms = rng.random(16)
+    uniforms[0] = 0.0
+    together = draw_rows(scores, temperatures, uniforms)
+    alone = [draw_rows(scores[i : i + 1], temperatures[i : i + 1], uniforms[i : i + 1])[0] for i in range(16)]
+    assert together.tolist() == [int(t) for t in alone]
+    assert together[5] < 900
+    weights = rng.random((4, 300))
+    assert pick_rows(weights, np.array([0.0, 0.3, 0.6, 1 - 1e-16])).tolist()[::3] == [0, 299]
+
+
+def test_choose_batch_draws_what_each_sampler_would_alone():
+    vocab = 500
+    rng = np.random.default_rng(4)
+    rows = (rng.standard_normal((6, vocab)) * 3).astype(np.float32)
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.8, seed=1),
+        SamplingParams(temperature=1.0, seed=2, top_k=20),  # not plain: left to the sampler
+        SamplingParams(temperature=1.3, seed=3, logprobs=2),
+        SamplingParams(temperature=0.0, repetition_penalty=1.2),  # not plain
+        SamplingParams(temperature=1.0, seed=4, top_k=vocab),  # top-k over everything is plain
+    ]
+    alone = [Sampler(p, vocab, [1, 2]) for p in params]
+    batched = [Sampler(p, vocab, [1, 2]) for p in params]
+    for _ in range(20):
+        expected = [s.sample(row) for s, row in zip(alone, rows, strict=True)]
+        chosen = choose_batch(batched, rows)
+        assert [c is None for c in chosen] == [False, False, True, False, True, False]
+        got = [s.sample(row, c) for s, row, c in zip(batched, rows, chosen, strict=True)]
+        assert got == expected
+        rows = np.roll(rows, 7, axis=1)
 
 
 def test_pick_follows_weights_and_skips_zeros():

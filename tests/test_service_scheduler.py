@@ -6,7 +6,7 @@ import queue
 import time
 
 import pytest
-from bitnet_grpc.server.engine import Engine
+from bitnet_grpc.server.engine import Engine, choose_tokens
 from bitnet_grpc.server.sampling import SamplingParams
 from bitnet_grpc.server.scheduler import Abort, Failed, QueueFull, Scheduler, Sequence
 
@@ -35,7 +35,8 @@ def signature(events: list) -> list:
     return [(u.event.token_id, u.event.text, u.event.logprob, u.event.top_logprobs) for u in events]
 
 
-def test_chunked_batched_run_equals_the_engine_alone(engine) -> None:
+@pytest.mark.parametrize("choose", [None, choose_tokens], ids=["per-sequence", "batch-chooser"])
+def test_chunked_batched_run_equals_the_engine_alone(engine, choose) -> None:
     prompts = [
         "a long prompt that is chunked over many small steps while others decode " * 3,
         "short",
@@ -54,7 +55,7 @@ def test_chunked_batched_run_equals_the_engine_alone(engine) -> None:
         [(e.token_id, e.text, e.logprob, e.top_logprobs) for e in engine.generate(p, sp)]
         for p, sp in zip(prompts, params, strict=True)
     ]
-    scheduler = Scheduler(engine.model, max_batch=3, max_queue=4, step_tokens=7)
+    scheduler = Scheduler(engine.model, max_batch=3, max_queue=4, step_tokens=7, choose=choose)
     scheduler.start()
     try:
         seqs = [make_sequence(engine, p, sp) for p, sp in zip(prompts, params, strict=True)]
