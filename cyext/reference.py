@@ -205,3 +205,32 @@ def bitlinear(x: np.ndarray, packed: np.ndarray, w_scale: np.ndarray) -> np.ndar
     """quantize_rows then ternary_matmul."""
     xq, x_scale, x_sum = quantize_rows(x)
     return ternary_matmul(xq, x_scale, x_sum, packed, w_scale)
+
+
+LUT_ROWS = 32  # weight rows per group of the LUT layout (cyext/ternary_lut.c)
+LUT_CHUNK = 28  # most index words per chunk
+
+
+def lut_words(kp: int) -> int:
+    """16-bit index words per row of the LUT layout: 9 weights each."""
+    return (kp + 8) // 9
+
+
+def pack_lut(packed: np.ndarray) -> np.ndarray:
+    """2-bit packed [N, Kp // 4] -> the LUT layout, flat uint16: rows in groups of 32 (padding rows are
+    zero weights), each row's codes c = w + 1 (zero padded to a multiple of 9) as words of three 5-bit
+    indices c0 + 3 c1 + 9 c2 (bits 5t..5t+4 for weights 9q + 3t + s), the words cut into
+    ceil(words / 28) even chunks, chunk-major: [chunk][group][word of the chunk][row of the group]."""
+    n, nbytes = packed.shape
+    kp = nbytes * 4
+    words, groups = lut_words(kp), -(-n // LUT_ROWS)
+    codes = np.ones((groups * LUT_ROWS, words * 9), np.uint16)
+    codes[:n, :kp] = unpack_ternary(packed, kp).astype(np.int16) + 1
+    digits = codes.reshape(groups * LUT_ROWS, words, 3, 3)  # [row, word, t, s]
+    index = digits[..., 0] + 3 * digits[..., 1] + 9 * digits[..., 2]
+    word = index[..., 0] | (index[..., 1] << 5) | (index[..., 2] << 10)  # [row, word]
+    word = word.reshape(groups, LUT_ROWS, words).transpose(0, 2, 1)  # [group, word, row]
+    chunks = -(-words // LUT_CHUNK)
+    bounds = [words * c // chunks for c in range(chunks + 1)]
+    parts = [word[:, q0:q1, :].reshape(-1) for q0, q1 in zip(bounds[:-1], bounds[1:], strict=True)]
+    return np.concatenate(parts).astype(np.uint16) if parts else np.zeros(0, np.uint16)

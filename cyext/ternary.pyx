@@ -46,7 +46,7 @@ import os
 import numpy as np
 
 from cpython.pycapsule cimport PyCapsule_New
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t
 
 
 cdef extern from "task_pool.h" nogil:
@@ -78,17 +78,36 @@ cdef extern from "ternary_kernels.h" nogil:
     int tq_best_path()
     void tq_gemm(const tq_gemm_args *a, int path, int n_threads)
     int64_t tq_quantize_rows(const float *x, int64_t x_stride, int64_t M, int64_t K, int64_t Kp,
-                             int8_t *xq, int64_t xq_stride, float *x_scale, int32_t *x_sum, int n_threads)
+                             int8_t *xq, int64_t xq_stride, float *x_scale, int32_t *x_sum, int path,
+                             int n_threads)
     int64_t tq_pack(const int8_t *codes, int64_t N, int64_t K, int64_t Kp, uint8_t *packed, int n_threads)
     int64_t tq_unpack(const uint8_t *packed, int64_t N, int64_t K, int64_t Kp, int8_t *codes,
                       int n_threads)
     int64_t tq_ternarize(const float *w, int64_t N, int64_t K, int8_t *codes, float *scale,
                          double *row_sums, int n_threads)
 
+    int TQ_PATH_PORTABLE
+    int TQ_LUT_ROWS
+    ctypedef struct tq_lut_args:
+        const int8_t *xq
+        int64_t x_stride
+        const float *x_scale
+        const uint16_t *w
+        const float *w_scale
+        float *out
+        int64_t out_stride
+        int64_t M
+        int64_t N
+        int64_t Kp
+    int64_t tq_pack_lut(const uint8_t *packed, int64_t N, int64_t Kp, uint16_t *lut, int n_threads)
+    int tq_lut_simd_available()
+    int tq_gemm_lut(const tq_lut_args *a, int simd, int n_threads)
+
 
 BLOCK = 256
 MAX_K = 1 << 22  # int32 accumulators cannot overflow below this (see module docstring)
 MAX_THREADS = TQ_MAX_THREADS
+LUT_ROWS = TQ_LUT_ROWS  # weight rows per group of the LUT layout
 
 cdef int _num_threads = min(MAX_THREADS, max(1, os.cpu_count() or 1))
 cdef int _path = 0
@@ -298,36 +317,55 @@ cdef int _quantize_views(const float[:, :] x, int8_t[:, :] xq, float[:] x_scale,
                          int64_t M, int64_t K, int64_t Kp) except -1:
     """Quantise rows 0..M-1 of x into the leading M rows and Kp columns of xq (rows contiguous)."""
     cdef int64_t bad
-    cdef int nt = _num_threads
+    cdef int nt = _num_threads, path = _path
     with nogil:
         bad = tq_quantize_rows(&x[0, 0], x.strides[0] // 4, M, K, Kp, &xq[0, 0], xq.strides[0], &x_scale[0],
-                               &x_sum[0], nt)
+                               &x_sum[0], path, nt)
     if bad >= 0:
         raise ValueError(f"x row {bad} contains NaN or infinity")
     return 0
+
+
+def _lut_groups(n: int) -> int:
+    return (n + LUT_ROWS - 1) // LUT_ROWS
+
+
+def _check_weights(packed, n_expected, Kp: int) -> tuple[int, bool]:
+    """(N, is_lut) of the weights in either layout, checked against Kp input columns; for the LUT layout
+    N is not in the array's shape and comes from `n_expected` (w_scale's length)."""
+    if isinstance(packed, np.ndarray) and packed.dtype == np.uint16:
+        _check("packed", packed, np.uint16, 1)
+        n = n_expected
+        if packed.shape[0] != lut_size(n, Kp):
+            raise ValueError(f"LUT weights for {n} rows of {Kp} must have {lut_size(n, Kp)} words, got {packed.shape[0]}")
+        if not packed.flags.c_contiguous:
+            raise ValueError("LUT weights must be contiguous")
+        return n, True
+    _check("packed", packed, np.uint8, 2)
+    if packed.shape[1] * 4 != Kp:
+        raise ValueError(f"shape mismatch: xq has {Kp} columns but packed rows hold {packed.shape[1] * 4} weights")
+    _check_rows("packed", packed)
+    return packed.shape[0], False
 
 
 def ternary_matmul(xq, x_scale, x_sum, packed, w_scale, out) -> np.ndarray:
     """out[m, n] = ((float)(xq[m] . w[n]) / x_scale[m]) * w_scale[n], exact int32 dot products.
 
     xq int8 [M, Kp], x_scale float32 [M], x_sum int32 [M] (= xq.sum(1), as quantize_rows returns),
-    packed uint8 [N, Kp // 4], w_scale float32 [N], out float32 [M, N] (rows may be a strided view,
-    e.g. a column slice of a bigger buffer). Returns out.
+    packed uint8 [N, Kp // 4] or its LUT layout (pack_lut), w_scale float32 [N], out float32 [M, N]
+    (rows may be a strided view, e.g. a column slice of a bigger buffer). Returns out.
     """
     _check("xq", xq, np.int8, 2)
-    _check("packed", packed, np.uint8, 2)
     _check("out", out, np.float32, 2)
-    cdef int64_t M = xq.shape[0], N = packed.shape[0], Kp = xq.shape[1]
-    if packed.shape[1] * 4 != Kp:
-        raise ValueError(f"shape mismatch: xq has {Kp} columns but packed rows hold {packed.shape[1] * 4} weights")
+    cdef int64_t M = xq.shape[0], Kp = xq.shape[1]
     if Kp % BLOCK:
         raise ValueError(f"xq has {Kp} columns, not a multiple of {BLOCK}: quantise with quantize_rows")
     if Kp > MAX_K:
         raise ValueError(f"K = {Kp} exceeds the supported maximum {MAX_K}")
+    N, is_lut = _check_weights(packed, _check("w_scale", w_scale, np.float32, 1).shape[0], Kp)
     if out.shape[0] != M or out.shape[1] != N:
         raise ValueError(f"out must have shape ({M}, {N}), got {out.shape}")
     _check_rows("xq", xq)
-    _check_rows("packed", packed)
     _check_rows("out", out)
     if not out.flags.writeable:
         raise ValueError("out is read-only")
@@ -338,7 +376,10 @@ def ternary_matmul(xq, x_scale, x_sum, packed, w_scale, out) -> np.ndarray:
     w_scale = _check_vector("w_scale", w_scale, np.float32, N)
     if M == 0 or N == 0:
         return out
-    _matmul(xq, x_scale, x_sum, packed, w_scale, out)
+    if is_lut:
+        _matmul_lut(xq, x_scale, packed, w_scale, out)
+    else:
+        _matmul(xq, x_scale, x_sum, packed, w_scale, out)
     return out
 
 
@@ -349,35 +390,117 @@ cdef _matmul(xq, x_scale, x_sum, packed, w_scale, out):
     cdef const uint8_t[:, :] pv = packed
     cdef const float[::1] ws = w_scale
     cdef float[:, :] ov = out
+    _gemm(xv, xs, xt, pv, ws, ov, xv.shape[0], xv.shape[1])
+
+
+cdef _matmul_lut(xq, x_scale, lut, w_scale, out):
+    cdef const int8_t[:, :] xv = xq
+    cdef const float[::1] xs = x_scale
+    cdef const uint16_t[::1] lv = lut
+    cdef const float[::1] ws = w_scale
+    cdef float[:, :] ov = out
+    _gemm_lut(xv, xs, lv, ws, ov, xv.shape[0], xv.shape[1])
+
+
+cdef int _gemm(const int8_t[:, :] xq, const float[:] x_scale, const int32_t[:] x_sum, const uint8_t[:, :] packed,
+               const float[:] w_scale, float[:, :] out, int64_t M, int64_t Kp) except -1:
+    """The 2-bit matmul of the leading M rows of xq (Kp columns) into out [M, N]; shapes checked."""
     cdef tq_gemm_args a
-    a.M = xv.shape[0]
-    a.N = pv.shape[0]
-    a.n_blocks = xv.shape[1] // BLOCK
-    a.xq = &xv[0, 0] if a.n_blocks > 0 else NULL
-    a.x_stride = xv.strides[0]
-    a.x_scale = &xs[0]
-    a.x_sum = &xt[0]
-    a.w = &pv[0, 0] if a.n_blocks > 0 else NULL
-    a.w_stride = pv.strides[0]
-    a.w_scale = &ws[0]
-    a.out = &ov[0, 0]
-    a.out_stride = ov.strides[0] // 4
+    a.M = M
+    a.N = packed.shape[0]
+    a.n_blocks = Kp // BLOCK
+    a.xq = &xq[0, 0] if a.n_blocks > 0 else NULL
+    a.x_stride = xq.strides[0]
+    a.x_scale = &x_scale[0]
+    a.x_sum = &x_sum[0]
+    a.w = &packed[0, 0] if a.n_blocks > 0 else NULL
+    a.w_stride = packed.strides[0]
+    a.w_scale = &w_scale[0]
+    a.out = &out[0, 0]
+    a.out_stride = out.strides[0] // 4
     cdef int path = _path, nt = _num_threads
     with nogil:
         tq_gemm(&a, path, nt)
+    return 0
+
+
+cdef int _gemm_lut(const int8_t[:, :] xq, const float[:] x_scale, const uint16_t[::1] lut,
+                   const float[:] w_scale, float[:, :] out, int64_t M, int64_t Kp) except -1:
+    """The LUT-layout matmul of the leading M rows of xq (Kp columns) into out [M, N]; shapes checked."""
+    cdef tq_lut_args a
+    a.M = M
+    a.N = w_scale.shape[0]
+    a.Kp = Kp
+    a.xq = &xq[0, 0] if Kp > 0 else NULL
+    a.x_stride = xq.strides[0]
+    a.x_scale = &x_scale[0]
+    a.w = &lut[0] if Kp > 0 else NULL
+    a.w_scale = &w_scale[0]
+    a.out = &out[0, 0]
+    a.out_stride = out.strides[0] // 4
+    cdef int simd = _path != TQ_PATH_PORTABLE, nt = _num_threads, status
+    with nogil:
+        status = tq_gemm_lut(&a, simd, nt)
+    if status != 0:
+        raise MemoryError("no memory for the lookup tables of the LUT kernel")
+    return 0
+
+
+def pack_lut(packed) -> np.ndarray:
+    """2-bit packed weights [N, Kp // 4] -> the LUT layout: uint16 [lut_size(N, Kp)], flat.
+
+    Holds the same weights in 1.78 bits each, for the table-lookup kernel (ternary_lut.c: layout and
+    why it is faster on AVX-512BW CPUs). ternary_matmul, bitlinear and bitlinear_into take either
+    layout; with this one N is the length of w_scale.
+    """
+    packed = np.ascontiguousarray(_check("packed", packed, np.uint8, 2))
+    cdef int64_t N = packed.shape[0], Kp = packed.shape[1] * 4
+    if Kp > MAX_K:
+        raise ValueError(f"K = {Kp} exceeds the supported maximum {MAX_K}")
+    lut = np.empty(lut_size(N, Kp), dtype=np.uint16)
+    if lut.size == 0:
+        return lut
+    cdef const uint8_t[:, ::1] pv = packed
+    cdef uint16_t[::1] lv = lut
+    cdef int64_t bad
+    cdef int nt = _num_threads
+    with nogil:
+        bad = tq_pack_lut(&pv[0, 0], N, Kp, &lv[0], nt)
+    if bad >= 0:
+        raise ValueError(f"packed[{bad // (Kp // 4)}, {bad % (Kp // 4)}] holds the invalid code 3")
+    return lut
+
+
+def lut_words(kp: int) -> int:
+    """16-bit index words per weight row of the LUT layout for Kp (padded) input columns: 9 weights each."""
+    return (kp + 8) // 9
+
+
+def lut_size(n: int, kp: int) -> int:
+    """uint16 elements of the LUT layout of N rows of Kp weights: rows in groups of 32."""
+    return _lut_groups(n) * lut_words(kp) * LUT_ROWS
+
+
+def lut_preferred() -> bool:
+    """True when this CPU runs the LUT layout's SIMD kernel (AVX-512BW): faster than the 2-bit kernels,
+    and 11% fewer weight bytes. Elsewhere the LUT layout works (plain C) but the 2-bit one is faster."""
+    return tq_lut_simd_available() != 0
 
 
 def bitlinear(x, packed, w_scale, out=None) -> np.ndarray:
     """BitLinear forward: quantise float32 x [M, K] per row, then ternary_matmul -> float32 [M, N]."""
     _check("x", x, np.float32, 2)
-    _check("packed", packed, np.uint8, 2)
-    if padded_k(x.shape[1]) != packed.shape[1] * 4:
-        raise ValueError(
-            f"shape mismatch: x has {x.shape[1]} columns but packed rows hold {packed.shape[1] * 4} weights"
-        )
+    n = w_scale.shape[0] if isinstance(packed, np.ndarray) and packed.dtype == np.uint16 else None
+    if n is None:
+        _check("packed", packed, np.uint8, 2)
+        n = packed.shape[0]
+        if padded_k(x.shape[1]) != packed.shape[1] * 4:
+            raise ValueError(
+                f"shape mismatch: x has {x.shape[1]} columns but packed rows hold {packed.shape[1] * 4} weights"
+            )
     xq, x_scale, x_sum = quantize_rows(x)
     if out is None:
-        out = np.empty((x.shape[0], packed.shape[0]), dtype=np.float32)
+        out = np.empty((x.shape[0], n), dtype=np.float32)
     return ternary_matmul(xq, x_scale, x_sum, packed, w_scale, out)
 
 
@@ -385,24 +508,36 @@ cdef inline bint _rows_contiguous(Py_ssize_t cols, Py_ssize_t inner_stride, Py_s
     return cols <= 1 or inner_stride == itemsize
 
 
-def bitlinear_into(const float[:, :] x, const uint8_t[:, :] packed, const float[::1] w_scale,
-                   int8_t[:, :] xq, float[::1] x_scale, int32_t[::1] x_sum, float[:, :] out) -> None:
-    """out = bitlinear(x, packed, w_scale), quantising into caller-owned scratch; allocates nothing.
+def bitlinear_into(const float[:, :] x, weights, const float[::1] w_scale, int8_t[:, :] xq, float[::1] x_scale,
+                   int32_t[::1] x_sum, float[:, :] out) -> None:
+    """out = bitlinear(x, weights, w_scale), quantising into caller-owned scratch; allocates nothing.
 
     The per-projection entry of the forward pass: one call, typed arguments, checks in C, so the
-    Python overhead is a small fraction of bitlinear()'s. Scratch may be larger than this call needs
-    (one set serves every projection): the leading M rows and padded_k(K) columns of xq, and the
-    leading M entries of x_scale and x_sum, are overwritten. Rows of x, xq, packed and out must be
-    contiguous (row strides are free).
+    Python overhead is a small fraction of bitlinear()'s. weights: packed uint8 [N, Kp // 4] or the
+    LUT layout (pack_lut). Scratch may be larger than this call needs (one set serves every
+    projection): the leading M rows and padded_k(K) columns of xq, and the leading M entries of
+    x_scale and x_sum, are overwritten. Rows of x, xq, packed and out must be contiguous (row strides
+    are free).
     """
-    cdef int64_t M = x.shape[0], K = x.shape[1], N = packed.shape[0]
+    cdef int64_t M = x.shape[0], K = x.shape[1], N = w_scale.shape[0]
     cdef int64_t Kp = (K + BLOCK - 1) // BLOCK * BLOCK
-    if packed.shape[1] * 4 != Kp:
-        raise ValueError(f"shape mismatch: x has {K} columns but packed rows hold {packed.shape[1] * 4} weights")
+    cdef const uint8_t[:, :] packed
+    cdef const uint16_t[::1] lut
+    cdef bint is_lut = getattr(weights, "ndim", 2) == 1
+    if is_lut:
+        lut = weights
+        if lut.shape[0] != lut_size(N, Kp):
+            raise ValueError(f"LUT weights for {N} rows of {Kp} must have {lut_size(N, Kp)} words, got {lut.shape[0]}")
+    else:
+        packed = weights
+        if packed.shape[1] * 4 != Kp:
+            raise ValueError(f"shape mismatch: x has {K} columns but packed rows hold {packed.shape[1] * 4} weights")
+        if packed.shape[0] != N:
+            raise ValueError(f"w_scale must have length {packed.shape[0]}, got {N}")
+        if not _rows_contiguous(Kp // 4, packed.strides[1], 1):
+            raise ValueError("rows of x, xq, packed and out must be contiguous")
     if Kp > MAX_K:
         raise ValueError(f"K = {K} exceeds the supported maximum {MAX_K}")
-    if w_scale.shape[0] != N:
-        raise ValueError(f"w_scale must have length {N}, got {w_scale.shape[0]}")
     if out.shape[0] != M or out.shape[1] != N:
         raise ValueError(f"out must have shape ({M}, {N}), got ({out.shape[0]}, {out.shape[1]})")
     if xq.shape[0] < M or xq.shape[1] < Kp or x_scale.shape[0] < M or x_sum.shape[0] < M:
@@ -411,7 +546,7 @@ def bitlinear_into(const float[:, :] x, const uint8_t[:, :] packed, const float[
             f"x_scale ({x_scale.shape[0]},), x_sum ({x_sum.shape[0]},)"
         )
     if not (_rows_contiguous(K, x.strides[1], 4) and _rows_contiguous(Kp, xq.strides[1], 1)
-            and _rows_contiguous(Kp // 4, packed.strides[1], 1) and _rows_contiguous(N, out.strides[1], 4)):
+            and _rows_contiguous(N, out.strides[1], 4)):
         raise ValueError("rows of x, xq, packed and out must be contiguous")
     if x.strides[0] % 4 or out.strides[0] % 4:
         raise ValueError("row strides of x and out must be multiples of 4 bytes")
@@ -420,19 +555,7 @@ def bitlinear_into(const float[:, :] x, const uint8_t[:, :] packed, const float[
     if M == 0 or N == 0:
         return
     _quantize_views(x, xq, x_scale, x_sum, M, K, Kp)
-    cdef tq_gemm_args a
-    a.M = M
-    a.N = N
-    a.n_blocks = Kp // BLOCK
-    a.xq = &xq[0, 0]
-    a.x_stride = xq.strides[0]
-    a.x_scale = &x_scale[0]
-    a.x_sum = &x_sum[0]
-    a.w = &packed[0, 0]
-    a.w_stride = packed.strides[0]
-    a.w_scale = &w_scale[0]
-    a.out = &out[0, 0]
-    a.out_stride = out.strides[0] // 4
-    cdef int path = _path, nt = _num_threads
-    with nogil:
-        tq_gemm(&a, path, nt)
+    if is_lut:
+        _gemm_lut(xq, x_scale, lut, w_scale, out, M, Kp)
+    else:
+        _gemm(xq, x_scale, x_sum, packed, w_scale, out, M, Kp)

@@ -16,6 +16,17 @@ static tq_gemm_fn path_fn(int path) {
     }
 }
 
+tq_quantize_row_fn tq_quantize_row_fn_for(int path) {
+    switch (path) {
+#ifdef TQ_HAVE_X86
+    case TQ_PATH_AVX2: return tq_quantize_row_avx2;
+    case TQ_PATH_AVX512BW:
+    case TQ_PATH_AVX512VNNI: return tq_quantize_row_avx512;
+#endif
+    default: return tq_quantize_row_portable;
+    }
+}
+
 int tq_path_available(int path) {
     if (path == TQ_PATH_PORTABLE) return 1;
 #ifdef TQ_HAVE_X86

@@ -59,9 +59,14 @@ void tq_gemm(const tq_gemm_args *a, int path, int n_threads);
 
 /* ternary_portable.c */
 void tq_gemm_portable(const tq_gemm_args *a, int64_t n0, int64_t n1);
-/* Returns -1 on success, else the index of the first row holding NaN or infinity. */
+/* Quantise one row (K floats) into q[0, Kp) (zero padded), its scale and sum; returns 1 without
+ * writing anything if the row holds NaN or infinity. Every path gives the same bytes. */
+typedef int (*tq_quantize_row_fn)(const float *row, int64_t K, int64_t Kp, int8_t *q, float *scale, int32_t *sum);
+int tq_quantize_row_portable(const float *row, int64_t K, int64_t Kp, int8_t *q, float *scale, int32_t *sum);
+tq_quantize_row_fn tq_quantize_row_fn_for(int path); /* ternary_dispatch.c */
+/* Returns -1 on success, else the index of the first row holding NaN or infinity. `path` as for tq_gemm. */
 int64_t tq_quantize_rows(const float *x, int64_t x_stride, int64_t M, int64_t K, int64_t Kp, int8_t *xq,
-                         int64_t xq_stride, float *x_scale, int32_t *x_sum, int n_threads);
+                         int64_t xq_stride, float *x_scale, int32_t *x_sum, int path, int n_threads);
 /* Returns -1 on success, else the flat index of the first code outside {-1, 0, 1}. */
 int64_t tq_pack(const int8_t *codes, int64_t N, int64_t K, int64_t Kp, uint8_t *packed, int n_threads);
 /* Returns -1 on success, else the flat index (in packed) of the first byte holding code 3. */
@@ -70,12 +75,36 @@ int64_t tq_unpack(const uint8_t *packed, int64_t N, int64_t K, int64_t Kp, int8_
 int64_t tq_ternarize(const float *w, int64_t N, int64_t K, int8_t *codes, float *scale, double *row_sums,
                      int n_threads);
 
+/* ternary_lut.c: the LUT layout (layout and exactness argument at the top of that file) */
+#define TQ_LUT_ROWS 32  /* weight rows per group: one zmm of 16-bit indices */
+#define TQ_LUT_CHUNK 28 /* index words (84 lookups) summed in int16 before widening */
+static inline int64_t tq_lut_words(int64_t Kp) { return (Kp + 8) / 9; } /* 9 weights per word */
+
+typedef struct {
+    const int8_t *xq; /* [M, Kp], zero padded */
+    int64_t x_stride;
+    const float *x_scale;  /* [M] */
+    const uint16_t *w;     /* [ceil(N / 32)][tq_lut_words(Kp)][32] */
+    const float *w_scale;  /* [N] */
+    float *out;            /* [M, N] */
+    int64_t out_stride;
+    int64_t M, N, Kp;
+} tq_lut_args;
+
+/* Returns -1 on success, else the flat index (in packed) of the first byte holding code 3. */
+int64_t tq_pack_lut(const uint8_t *packed, int64_t N, int64_t Kp, uint16_t *lut, int n_threads);
+int tq_lut_simd_available(void);
+/* simd = 0 forces plain C. Returns -1 if the table buffer cannot be allocated, else 0. */
+int tq_gemm_lut(const tq_lut_args *a, int simd, int n_threads);
+
 /* ternary_x86.c: compiled only on x86-64, each function with its own target attribute. */
 #if defined(__x86_64__)
 #define TQ_HAVE_X86 1
 void tq_gemm_avx2(const tq_gemm_args *a, int64_t n0, int64_t n1);
 void tq_gemm_avx512bw(const tq_gemm_args *a, int64_t n0, int64_t n1);
 void tq_gemm_avx512vnni(const tq_gemm_args *a, int64_t n0, int64_t n1);
+int tq_quantize_row_avx2(const float *row, int64_t K, int64_t Kp, int8_t *q, float *scale, int32_t *sum);
+int tq_quantize_row_avx512(const float *row, int64_t K, int64_t Kp, int8_t *q, float *scale, int32_t *sum);
 int tq_x86_cpu_has(int path);
 #endif
 

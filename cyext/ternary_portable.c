@@ -91,51 +91,54 @@ static inline float round_half_even(float v) {
     return (v + magic) - magic;
 }
 
+int tq_quantize_row_portable(const float *row, int64_t K, int64_t Kp, int8_t *q, float *scale_out,
+                             int32_t *sum_out) {
+    float amax = 0.0f;
+    int not_finite = 0;
+    for (int64_t k = 0; k < K; k++) {
+        float v = fabsf(row[k]);
+        not_finite |= !(v <= FLT_MAX); /* NaN compares false */
+        amax = v > amax ? v : amax;
+    }
+    if (not_finite) return 1;
+    float scale = 127.0f / (amax > 1e-5f ? amax : 1e-5f);
+    int32_t sum = 0;
+    for (int64_t k = 0; k < K; k++) {
+        float v = row[k] * scale;
+        v = v < -128.0f ? -128.0f : v; /* clip before rounding: same result, keeps the magic add exact */
+        v = v > 127.0f ? 127.0f : v;
+        int8_t c = (int8_t)round_half_even(v);
+        q[k] = c;
+        sum += c;
+    }
+    memset(q + K, 0, (size_t)(Kp - K));
+    *scale_out = scale;
+    *sum_out = sum;
+    return 0;
+}
+
 typedef struct {
     const float *x;
     int64_t x_stride, M, K, Kp, xq_stride, tasks;
     int8_t *xq;
     float *x_scale;
     int32_t *x_sum;
+    tq_quantize_row_fn row_fn;
     _Atomic int64_t bad_row;
 } quantize_job;
 
 static void quantize_task(void *ctx, int64_t i, int thread) {
     quantize_job *j = (quantize_job *)ctx;
-    for (int64_t m = part_start(j->M, j->tasks, i); m < part_start(j->M, j->tasks, i + 1); m++) {
-        const float *row = j->x + m * j->x_stride;
-        int8_t *q = j->xq + m * j->xq_stride;
-        float amax = 0.0f;
-        int not_finite = 0;
-        for (int64_t k = 0; k < j->K; k++) {
-            float v = fabsf(row[k]);
-            not_finite |= !(v <= FLT_MAX); /* NaN compares false */
-            amax = v > amax ? v : amax;
-        }
-        if (not_finite) {
+    for (int64_t m = part_start(j->M, j->tasks, i); m < part_start(j->M, j->tasks, i + 1); m++)
+        if (j->row_fn(j->x + m * j->x_stride, j->K, j->Kp, j->xq + m * j->xq_stride, j->x_scale + m, j->x_sum + m))
             record_min(&j->bad_row, m);
-            continue;
-        }
-        float scale = 127.0f / (amax > 1e-5f ? amax : 1e-5f);
-        int32_t sum = 0;
-        for (int64_t k = 0; k < j->K; k++) {
-            float v = row[k] * scale;
-            v = v < -128.0f ? -128.0f : v; /* clip before rounding: same result, keeps the magic add exact */
-            v = v > 127.0f ? 127.0f : v;
-            int8_t c = (int8_t)round_half_even(v);
-            q[k] = c;
-            sum += c;
-        }
-        memset(q + j->K, 0, (size_t)(j->Kp - j->K));
-        j->x_scale[m] = scale;
-        j->x_sum[m] = sum;
-    }
 }
 
 int64_t tq_quantize_rows(const float *x, int64_t x_stride, int64_t M, int64_t K, int64_t Kp, int8_t *xq,
-                         int64_t xq_stride, float *x_scale, int32_t *x_sum, int n_threads) {
+                         int64_t xq_stride, float *x_scale, int32_t *x_sum, int path, int n_threads) {
     split_plan p = plan(M, M * K, n_threads);
-    quantize_job j = {x, x_stride, M, K, Kp, xq_stride, p.tasks, xq, x_scale, x_sum, INT64_MAX};
+    quantize_job j = {x, x_stride, M, K, Kp, xq_stride, p.tasks, xq, x_scale, x_sum, tq_quantize_row_fn_for(path),
+                      INT64_MAX};
     tq_parallel(j.tasks, quantize_task, &j, p.threads);
     return found(&j.bad_row);
 }

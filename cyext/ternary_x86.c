@@ -11,8 +11,11 @@
  * share each activation vector, so the unpack cost and the loads are spread over many multiply-adds.
  */
 #if defined(__x86_64__)
+#include <float.h>
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "ternary_kernels.h"
 
@@ -341,6 +344,88 @@ TARGET_VNNI void tq_gemm_avx512vnni(const tq_gemm_args *a, int64_t n0, int64_t n
         for (; n + 4 <= n1; n += 4) vnni_rows(a, c0, c1, n, 4);
         for (; n < n1; n++) vnni_rows(a, c0, c1, n, 1);
     }
+}
+
+/* ----------------------------------------------------------------------------------- quantisation */
+
+/* The same row quantisation as tq_quantize_row_portable, 8 or 16 floats at a time: the maximum is exact
+ * in any order, x * scale is the same IEEE product, min/max clip like the scalar compares (the row is
+ * finite by then), and cvtps2dq rounds half to even under the default rounding mode, as the scalar
+ * magic-number add does. So the bytes, the scale and the sum are identical. */
+
+TARGET_AVX2 int tq_quantize_row_avx2(const float *row, int64_t K, int64_t Kp, int8_t *q, float *scale_out,
+                                     int32_t *sum_out) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), fmax = _mm256_set1_ps(FLT_MAX);
+    __m256 vmax = _mm256_setzero_ps();
+    int not_finite = 0;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 v = _mm256_and_ps(_mm256_loadu_ps(row + k), abs_mask);
+        not_finite |= _mm256_movemask_ps(_mm256_cmp_ps(v, fmax, _CMP_NLE_UQ));
+        vmax = _mm256_max_ps(vmax, v);
+    }
+    float lanes[8], amax = 0.0f;
+    _mm256_storeu_ps(lanes, vmax);
+    for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
+    for (; k < K; k++) {
+        float v = fabsf(row[k]);
+        not_finite |= !(v <= FLT_MAX);
+        amax = v > amax ? v : amax;
+    }
+    if (not_finite) return 1;
+    float scale = 127.0f / (amax > 1e-5f ? amax : 1e-5f);
+    const __m256 s = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+    __m256i acc = _mm256_setzero_si256();
+    for (k = 0; k + 8 <= K; k += 8) {
+        __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(row + k), s), lo), hi);
+        __m256i i = _mm256_cvtps_epi32(v);
+        acc = _mm256_add_epi32(acc, i);
+        __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+        _mm_storel_epi64((__m128i *)(q + k), _mm_packs_epi16(w16, w16));
+    }
+    int32_t sum = hsum_256(acc);
+    for (; k < K; k++) {
+        float v = row[k] * scale;
+        v = v < -128.0f ? -128.0f : v;
+        v = v > 127.0f ? 127.0f : v;
+        int8_t c = (int8_t)_mm_cvtss_si32(_mm_set_ss(v));
+        q[k] = c;
+        sum += c;
+    }
+    memset(q + K, 0, (size_t)(Kp - K));
+    *scale_out = scale;
+    *sum_out = sum;
+    return 0;
+}
+
+TARGET_AVX512BW int tq_quantize_row_avx512(const float *row, int64_t K, int64_t Kp, int8_t *q, float *scale_out,
+                                           int32_t *sum_out) {
+    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+    const __m512 fmax = _mm512_set1_ps(FLT_MAX);
+    __m512 vmax = _mm512_setzero_ps();
+    __mmask16 not_finite = 0;
+    for (int64_t k = 0; k < K; k += 16) {
+        __mmask16 m = (__mmask16)(K - k >= 16 ? 0xffff : (1u << (K - k)) - 1);
+        __m512 v = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(_mm512_maskz_loadu_ps(m, row + k)), abs_mask));
+        not_finite |= _mm512_cmp_ps_mask(v, fmax, _CMP_NLE_UQ);
+        vmax = _mm512_max_ps(vmax, v);
+    }
+    if (not_finite) return 1;
+    float amax = _mm512_reduce_max_ps(vmax);
+    float scale = 127.0f / (amax > 1e-5f ? amax : 1e-5f);
+    const __m512 s = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 16) {
+        __mmask16 m = (__mmask16)(K - k >= 16 ? 0xffff : (1u << (K - k)) - 1);
+        __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + k), s), lo), hi);
+        __m512i i = _mm512_cvtps_epi32(v); /* masked-off lanes are 0 */
+        acc = _mm512_add_epi32(acc, i);
+        _mm512_mask_cvtepi32_storeu_epi8(q + k, m, i);
+    }
+    memset(q + K, 0, (size_t)(Kp - K));
+    *scale_out = scale;
+    *sum_out = _mm512_reduce_add_epi32(acc);
+    return 0;
 }
 
 #endif /* __x86_64__ */

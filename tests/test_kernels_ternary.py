@@ -159,7 +159,7 @@ def test_ternarize_edge_values():
 
 
 @pytest.mark.parametrize("m,k", [(1, 1), (3, 100), (8, 256), (33, 700)])
-def test_quantize_matches_reference(m, k):
+def test_quantize_matches_reference(kernel_path, m, k):
     rng = np.random.default_rng(m + k)
     x = (rng.standard_normal((m, k)) * rng.uniform(1e-3, 1e3, size=(m, 1))).astype(np.float32)
     got = ternary.quantize_rows(x)
@@ -170,16 +170,17 @@ def test_quantize_matches_reference(m, k):
     assert np.array_equal(got[2], got[0].sum(axis=1))
 
 
-def test_quantize_rounds_half_to_even():
-    # max|x| = 127 makes the scale exactly 1, so x * scale = x and the .5 ties survive to rounding
-    x = np.array([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5, -127.0]], np.float32)
+def test_quantize_rounds_half_to_even(kernel_path):
+    # max|x| = 127 makes the scale exactly 1, so x * scale = x and the .5 ties survive to rounding;
+    # repeated so that ties land in every SIMD lane and in the scalar tails
+    x = np.tile(np.array([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5, -127.0]], np.float32), 5)
     xq, x_scale, x_sum = ternary.quantize_rows(x)
     assert x_scale.tolist() == [1.0]
-    assert xq[0, :10].tolist() == [127, 0, 2, 2, 0, -2, -2, 126, -126, -127]
+    assert xq[0, :50].tolist() == [127, 0, 2, 2, 0, -2, -2, 126, -126, -127] * 5
     assert x_sum.tolist() == [int(xq[0].sum())]
 
 
-def test_quantize_edge_values():
+def test_quantize_edge_values(kernel_path):
     x = np.zeros((4, 300), np.float32)
     x[1, :] = 1e-30
     x[2, ::2], x[2, 1::2] = 1e30, -1e30
@@ -193,7 +194,7 @@ def test_quantize_edge_values():
     assert xq[3, 7] == -127 and x_sum[3] == -127
 
 
-def test_quantize_strided_rows_and_bad_values():
+def test_quantize_strided_rows_and_bad_values(kernel_path):
     rng = np.random.default_rng(1)
     big = rng.standard_normal((6, 400)).astype(np.float32)
     view = big[::2, 50:350]  # row stride 800 floats, rows contiguous
@@ -201,10 +202,13 @@ def test_quantize_strided_rows_and_bad_values():
     assert all(
         np.array_equal(g, r) for g, r in zip(got, ref.quantize_rows(np.ascontiguousarray(view)), strict=True)
     )
-    bad = np.ones((3, 20), np.float32)
-    bad[2, 4] = np.inf
+    bad = np.ones((4, 21), np.float32)
+    bad[2, 4] = np.inf  # in a SIMD lane
+    bad[3, 20] = np.nan  # in a scalar tail
     with pytest.raises(ValueError, match="row 2 contains NaN or infinity"):
         ternary.quantize_rows(bad)
+    with pytest.raises(ValueError, match="row 1 contains NaN or infinity"):
+        ternary.quantize_rows(bad[[0, 3]])
     with pytest.raises(ValueError, match="contiguous"):
         ternary.quantize_rows(big[:, ::2])
 
@@ -425,6 +429,102 @@ def test_matmul_writes_into_strided_out():
     ternary.bitlinear(x, packed, w_scale, out=buf[:, 10:20])
     assert same_bits(buf[:, 10:20].copy(), ref.bitlinear(x, packed, w_scale))
     assert not buf[:, :10].any() and not buf[:, 20:].any()
+
+
+# --------------------------------------------------------------------------------------- LUT layout
+# pack_lut's layout is checked against the numpy reference; the LUT kernels (plain C when the path is
+# "portable", vpermw otherwise) must give exactly the bits of the reference matmul on the 2-bit weights.
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (31, 255), (32, 256), (33, 700), (70, 2560), (5, 6912)])
+def test_pack_lut_matches_reference(n, k):
+    packed = ternary.pack_ternary(random_codes(np.random.default_rng(n + k), n, k))
+    lut = ternary.pack_lut(packed)
+    kp = ternary.padded_k(k)
+    assert lut.dtype == np.uint16 and lut.shape == (ternary.lut_size(n, kp),)
+    assert lut.size == -(-n // 32) * 32 * ternary.lut_words(kp)
+    assert np.array_equal(lut, ref.pack_lut(packed))
+
+
+def test_pack_lut_word_by_hand():
+    """Row 1, weights 9..17 (word 1): indices c0 + 3 c1 + 9 c2 of codes c = w + 1 in bits 0-4, 5-9, 10-14."""
+    codes = np.zeros((2, 256), np.int8)
+    codes[1, 9:18] = [-1, 0, 1, 1, 1, 1, -1, -1, -1]  # codes (0, 1, 2), (2, 2, 2), (0, 0, 0)
+    lut = ternary.pack_lut(ternary.pack_ternary(codes))
+    words = ternary.lut_words(256)  # 29: one chunk; layout [word][row] for the only group
+    assert lut.reshape(words, 32)[1, 1] == (0 + 3 * 1 + 9 * 2) | (26 << 5) | (0 << 10)
+    zero_word = 13 | (13 << 5) | (13 << 10)  # all weights zero (also rows 2..31 of the group)
+    assert lut.reshape(words, 32)[1, 0] == zero_word and lut.reshape(words, 32)[0, 5] == zero_word
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 33])
+def test_lut_matmul_matches_reference(kernel_path, m):
+    rng = np.random.default_rng(100 + m)
+    for n, k in [(1, 1), (13, 257), (37, 700), (32, 1024), (67, 513), (40, 2560)]:
+        x, packed, w_scale = random_problem(rng, m, n, k)
+        xq, x_scale, x_sum = ternary.quantize_rows(x)
+        out = np.full((m, n), np.nan, np.float32)
+        ternary.ternary_matmul(xq, x_scale, x_sum, ternary.pack_lut(packed), w_scale, out)
+        assert same_bits(out, ref.ternary_matmul(xq, x_scale, x_sum, packed, w_scale)), (kernel_path, m, n, k)
+
+
+def test_lut_extreme_activations_cannot_wrap(kernel_path):
+    """Every lookup at its largest, +-384 (three weights -1 or +1 against x = -128): a chunk's 84 lookups
+    sum to +-32256 in int16, the most it can hold without wrapping; K = 8192 spans ten chunks."""
+    k = 8192
+    codes = np.zeros((6, k), np.int8)
+    codes[0], codes[1] = -1, 1
+    codes[2, ::2], codes[2, 1::2] = 1, -1
+    codes[3] = random_codes(np.random.default_rng(6), 1, k)[0]
+    codes[5, :100] = -1
+    packed = ternary.pack_ternary(codes)
+    xq = np.empty((5, k), np.int8)
+    xq[0], xq[1] = -128, 127
+    xq[2, ::2], xq[2, 1::2] = -128, 127
+    xq[3] = 0
+    xq[4] = np.random.default_rng(7).integers(-128, 128, size=k)
+    x_sum = xq.sum(axis=1, dtype=np.int32)
+    x_scale = np.array([1.0, 1.0, 0.5, 127 / 1e-5, 3.0], np.float32)
+    w_scale = np.linspace(0.5, 1.5, 6).astype(np.float32)
+    out = np.empty((5, 6), np.float32)
+    ternary.ternary_matmul(xq, x_scale, x_sum, ternary.pack_lut(packed), w_scale, out)
+    assert same_bits(out, ref.ternary_matmul(xq, x_scale, x_sum, packed, w_scale))
+    acc = xq.astype(np.int64) @ codes.astype(np.int64).T
+    assert acc[0, 0] == 128 * k and acc[0, 1] == -128 * k  # the sums really were that large
+
+
+def test_lut_row_blocks_threads_and_batch_invariance(kernel_path, threads):
+    """M = 30 with K = 6912: the tables of all rows do not fit the kernel's budget, so rows run in
+    blocks; every thread count and every row alone must give the same bits."""
+    x, packed, w_scale = random_problem(np.random.default_rng(31), 30, 70, 6912)
+    lut = ternary.pack_lut(packed)
+    want = ref.bitlinear(x, packed, w_scale)
+    for n in (1, 2, 3):
+        threads(n)
+        assert same_bits(ternary.bitlinear(x, lut, w_scale), want), n
+    for m in (0, 17, 29):
+        assert same_bits(ternary.bitlinear(x[m : m + 1], lut, w_scale), want[m : m + 1])
+
+
+def test_lut_bitlinear_into_strided_out_and_errors(kernel_path):
+    x, packed, w_scale = random_problem(np.random.default_rng(32), 4, 40, 300)
+    lut = ternary.pack_lut(packed)
+    scratch = np.empty((8, 512), np.int8), np.empty(8, np.float32), np.empty(8, np.int32)
+    buf = np.zeros((4, 60), np.float32)
+    ternary.bitlinear_into(x, lut, w_scale, *scratch, buf[:, 10:50])
+    assert same_bits(buf[:, 10:50].copy(), ref.bitlinear(x, packed, w_scale))
+    assert not buf[:, :10].any() and not buf[:, 50:].any()
+    with pytest.raises(ValueError, match="must have 3648 words"):
+        ternary.bitlinear_into(x, lut[:-1], w_scale, *scratch, buf[:, 10:50])
+    # N comes from w_scale: 39 rows fill the same two groups of 32 as 40, so the first 39 are computed
+    assert same_bits(ternary.bitlinear(x, lut, w_scale[:39]), ref.bitlinear(x, packed[:39], w_scale[:39]))
+    with pytest.raises(ValueError, match="must have 1824 words"):
+        ternary.bitlinear(x, lut, w_scale[:30])
+    bad = packed.copy()
+    bad[3, 7] = 0xFF
+    with pytest.raises(ValueError, match=r"packed\[3, 7\] holds the invalid code 3"):
+        ternary.pack_lut(bad)
+    assert ternary.pack_lut(np.zeros((0, 64), np.uint8)).shape == (0,)
 
 
 # ------------------------------------------------------------------------------------ invalid input

@@ -1,0 +1,377 @@
+/* Ternary matmul by table lookup: vpermw instead of a multiplier, in the "LUT layout" of the weights.
+ *
+ * Why: on Zen 4 every byte multiplier (vpdpbusd, vpmaddubsw; zmm or ymm) tops out at 64 u8 x s8
+ * multiply-adds per cycle, and the unpacking they need costs more. A lookup covers more weights per
+ * instruction: for three activations x0, x1, x2 of a row, a table of all 27 signed sums
+ * w0*x0 + w1*x1 + w2*x2 (w in {-1, 0, 1}) fits one zmm of int16; vpermw then takes 32 indices (the
+ * weight triples of 32 weight rows) and returns 32 partial sums: 96 multiply-adds per instruction,
+ * plus one vpaddw to accumulate. Measured on Zen 4 (microbenchmark, one core): vpermw + vpaddw pairs
+ * run at 0.80-0.82 per cycle = 77-79 multiply-adds per cycle, against 64 for vpdpbusd alone and about
+ * 51 for the unpack + vpdpbusd mix of the tiled kernel.
+ *
+ * LUT layout (pack_lut): weight rows in groups of TQ_LUT_ROWS = 32 (the last group padded with zero
+ * weights); each row's Kp weights (zero padded to a multiple of 9) in words of 9 weights; a 16-bit word
+ * holds three 5-bit indices i_t = c0 + 3 c1 + 9 c2 of the codes c = w + 1 of weights 9q + 3t + s,
+ * s = 0..2, in bits 5t..5t+4 (vpermw reads only the low 5 bits of each index, so the other two come
+ * from one shift each). The words = ceil(Kp / 9) words of a row are cut into C = ceil(words / 28)
+ * chunks as evenly as possible (chunk c: words [words*c/C, words*(c+1)/C)), and the array is
+ * chunk-major: [chunk][group][word of the chunk][32 rows], so the kernel's pass over one chunk for a
+ * range of groups reads one contiguous stream. G * words * 32 uint16 in all (G = ceil(N / 32)), no
+ * padding inside: 1.78 bits per weight.
+ *
+ * Exactness: a table entry is at most 3 * 128 = 384 in magnitude. The kernel adds the lookups of
+ * TQ_LUT_CHUNK = 28 words (84 lookups) in int16: |sum| <= 84 * 384 = 32256 <= 32767, so it cannot
+ * wrap, whatever the weights and activations (tested with all weights -1 against x = -128). Then it
+ * widens to int32. The result is the exact signed dot product, scaled by the same float operations as
+ * tq_store, so this layout gives the same bits as the 2-bit kernels.
+ *
+ * Loop order: K in chunks of 28 words; per chunk the tables of four activation rows (4 x 84 x 64 bytes
+ * = 21 KB) stay in L1 while the index words of every weight group of the task's range stream past;
+ * the int32 sums of a chunk are added in the output array itself (its float32 slots hold int32 bits
+ * until the final scaling pass). Tables of all rows are built once per call (rows in blocks whose
+ * tables fit TABLE_BUDGET), before the threads split the weight groups between them.
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ternary_kernels.h"
+
+#define CHUNK_GROUPS (3 * TQ_LUT_CHUNK) /* 3-weight tables per chunk, at most: 84 */
+#define TABLE_BYTES 64                  /* 32 int16 entries, 27 used */
+#define TABLE_BUDGET (4 << 20)          /* bytes of tables per row block: fits L2 + L3 comfortably */
+#define MR 4                            /* activation rows per tile */
+
+/* -------------------------------------------------------------------------------------- layout */
+
+static inline int64_t n_chunks(int64_t words) { return (words + TQ_LUT_CHUNK - 1) / TQ_LUT_CHUNK; }
+static inline int64_t chunk_start(int64_t words, int64_t c) { return words * c / n_chunks(words); }
+
+/* The index words of group g in chunk c: chunk_start(c+1) - chunk_start(c) words of 32 rows. */
+static inline const uint16_t *chunk_words(const uint16_t *lut, int64_t groups, int64_t words, int64_t c,
+                                          int64_t g) {
+    int64_t q0 = chunk_start(words, c), cq = chunk_start(words, c + 1) - q0;
+    return lut + (groups * q0 + g * cq) * TQ_LUT_ROWS;
+}
+
+typedef struct {
+    const uint8_t *packed;
+    uint16_t *lut;
+    int64_t N, Kp, words, groups, tasks;
+    _Atomic int64_t bad;
+} pack_lut_job;
+
+static inline int code_at(const uint8_t *row, int64_t k) {
+    return (row[(k / TQ_BLOCK) * TQ_BLOCK_BYTES + k % 64] >> (2 * ((k % TQ_BLOCK) / 64))) & 3;
+}
+
+static void pack_lut_task(void *ctx, int64_t i, int thread) {
+    pack_lut_job *j = (pack_lut_job *)ctx;
+    const int64_t row_bytes = j->Kp / 4;
+    for (int64_t g = j->groups * i / j->tasks; g < j->groups * (i + 1) / j->tasks; g++) {
+        for (int r = 0; r < TQ_LUT_ROWS; r++) {
+            int64_t c = 0;
+            int64_t n = g * TQ_LUT_ROWS + r;
+            const uint8_t *row = j->packed + n * row_bytes;
+            for (int64_t q = 0; q < j->words; q++) {
+                unsigned word = 0;
+                for (int t = 0; t < 3; t++) {
+                    unsigned index = 0, power = 1;
+                    for (int s = 0; s < 3; s++, power *= 3) {
+                        int64_t k = 9 * q + 3 * t + s;
+                        int c = n < j->N && k < j->Kp ? code_at(row, k) : 1;
+                        if (c == 3) {
+                            int64_t byte = n * row_bytes + (k / TQ_BLOCK) * TQ_BLOCK_BYTES + k % 64;
+                            int64_t cur = atomic_load_explicit(&j->bad, memory_order_relaxed);
+                            while (byte < cur && !atomic_compare_exchange_weak_explicit(
+                                                     &j->bad, &cur, byte, memory_order_relaxed, memory_order_relaxed)) {
+                            }
+                            c = 1;
+                        }
+                        index += (unsigned)c * power;
+                    }
+                    word |= index << (5 * t);
+                }
+                if (q == chunk_start(j->words, c + 1)) c++;
+                uint16_t *dst = (uint16_t *)chunk_words(j->lut, j->groups, j->words, c, g);
+                dst[(q - chunk_start(j->words, c)) * TQ_LUT_ROWS + r] = (uint16_t)word;
+            }
+        }
+    }
+}
+
+int64_t tq_pack_lut(const uint8_t *packed, int64_t N, int64_t Kp, uint16_t *lut, int n_threads) {
+    int64_t groups = (N + TQ_LUT_ROWS - 1) / TQ_LUT_ROWS;
+    pack_lut_job j = {packed, lut, N, Kp, tq_lut_words(Kp), groups, 1, INT64_MAX};
+    int threads = N * Kp >= (1 << 20) && n_threads > 1 ? n_threads : 1;
+    j.tasks = threads > 1 ? (4 * threads < groups ? 4 * threads : groups) : 1;
+    tq_parallel(j.tasks, pack_lut_task, &j, threads);
+    int64_t bad = atomic_load(&j.bad);
+    return bad == INT64_MAX ? -1 : bad;
+}
+
+/* -------------------------------------------------------------------------------------- tables */
+
+/* Table of the 3-weight group t (0 .. 3 * chunk size) of chunk c, row m of a block of mb rows:
+ * chunk-major, so the tables of a tile's four rows for one chunk are contiguous. */
+static inline int16_t *table_at(int16_t *tables, int64_t mb, int64_t c, int64_t m, int64_t t) {
+    return tables + ((c * mb + m) * CHUNK_GROUPS + t) * (TABLE_BYTES / 2);
+}
+
+/* entry e: sum over s of (digit s of e in base 3, minus 1) * x[s]; entries 27..31 are 0 */
+static void table_portable(const int8_t *x, int64_t k0, int64_t Kp, int16_t *t) {
+    int v[3];
+    for (int s = 0; s < 3; s++) v[s] = k0 + s < Kp ? x[k0 + s] : 0;
+    for (int e = 0; e < 32; e++)
+        t[e] = (int16_t)(e < 27 ? (e % 3 - 1) * v[0] + (e / 3 % 3 - 1) * v[1] + (e / 9 - 1) * v[2] : 0);
+}
+
+typedef struct {
+    const tq_lut_args *a;
+    int64_t m0, mb, tasks;
+    int16_t *tables;
+    int simd;
+} tables_job;
+
+#ifdef TQ_HAVE_X86
+#include <immintrin.h>
+#define TARGET_BW __attribute__((target("avx512f,avx512bw")))
+
+/* The tables of one row: T = maddubs((c0, c1), (x0, x1)) + maddubs((c2, 0), (x2, x3)) with unsigned codes
+ * c = w + 1 (pairs at most 2 * 2 * 128 = 512: no saturation), then minus entry 13 (c = 1, 1, 1:
+ * x0 + x1 + x2), which turns code sums into signed-weight sums; lanes 27..31 zeroed by the mask. */
+TARGET_BW static void tables_row_avx512(const int8_t *x, int64_t Kp, int16_t *tables, int64_t mb, int64_t m) {
+    uint8_t u01[64], u2[64];
+    for (int e = 0; e < 32; e++) {
+        int in = e < 27;
+        u01[2 * e] = (uint8_t)(in ? e % 3 : 0);
+        u01[2 * e + 1] = (uint8_t)(in ? e / 3 % 3 : 0);
+        u2[2 * e] = (uint8_t)(in ? e / 9 : 0);
+        u2[2 * e + 1] = 0;
+    }
+    const __m512i c01 = _mm512_loadu_si512(u01), c2 = _mm512_loadu_si512(u2);
+    const __m512i entry13 = _mm512_set1_epi16(13);
+    const int64_t words = tq_lut_words(Kp);
+    for (int64_t c = 0; c < n_chunks(words); c++) {
+        for (int64_t g = 3 * chunk_start(words, c); g < 3 * chunk_start(words, c + 1); g++) {
+            int16_t *dst = table_at(tables, mb, c, m, g - 3 * chunk_start(words, c));
+            if (3 * g + 3 >= Kp) { /* the last groups: x[3g + 3] is past the row */
+                table_portable(x, 3 * g, Kp, dst);
+                continue;
+            }
+            int16_t p01, p23;
+            memcpy(&p01, x + 3 * g, 2);
+            memcpy(&p23, x + 3 * g + 2, 2);
+            __m512i tc = _mm512_add_epi16(_mm512_maddubs_epi16(c01, _mm512_set1_epi16(p01)),
+                                          _mm512_maddubs_epi16(c2, _mm512_set1_epi16(p23)));
+            _mm512_storeu_si512(dst, _mm512_maskz_sub_epi16(0x07ffffff, tc, _mm512_permutexvar_epi16(entry13, tc)));
+        }
+    }
+}
+#endif
+
+static void tables_task(void *ctx, int64_t i, int thread) {
+    tables_job *j = (tables_job *)ctx;
+    const tq_lut_args *a = j->a;
+    for (int64_t m = j->mb * i / j->tasks; m < j->mb * (i + 1) / j->tasks; m++) {
+        const int8_t *x = a->xq + (j->m0 + m) * a->x_stride;
+#ifdef TQ_HAVE_X86
+        if (j->simd) {
+            tables_row_avx512(x, a->Kp, j->tables, j->mb, m);
+            continue;
+        }
+#endif
+        const int64_t words = tq_lut_words(a->Kp);
+        for (int64_t c = 0; c < n_chunks(words); c++)
+            for (int64_t g = 3 * chunk_start(words, c); g < 3 * chunk_start(words, c + 1); g++)
+                table_portable(x, 3 * g, a->Kp, table_at(j->tables, j->mb, c, m, g - 3 * chunk_start(words, c)));
+    }
+}
+
+/* -------------------------------------------------------------------------------------- kernels */
+
+typedef struct {
+    const tq_lut_args *a;
+    const int16_t *tables;
+    int64_t m0, mb, groups, tasks;
+    int simd;
+} lut_job;
+
+static inline float scaled(const tq_lut_args *a, int64_t m, int64_t n, int32_t dot) {
+    return ((float)dot / a->x_scale[m]) * a->w_scale[n]; /* the same operations as tq_store */
+}
+
+/* Plain C: every weight row against every row of the block, whole K, int32 sums. */
+static void lut_rows_portable(const lut_job *j, int64_t g0, int64_t g1) {
+    const tq_lut_args *a = j->a;
+    const int64_t words = tq_lut_words(a->Kp);
+    for (int64_t g = g0; g < g1; g++) {
+        for (int r = 0; r < TQ_LUT_ROWS && g * TQ_LUT_ROWS + r < a->N; r++) {
+            int64_t n = g * TQ_LUT_ROWS + r;
+            for (int64_t m = 0; m < j->mb; m++) {
+                int32_t dot = 0;
+                for (int64_t c = 0; c < n_chunks(words); c++) {
+                    const uint16_t *w = chunk_words(a->w, j->groups, words, c, g);
+                    for (int64_t q = 0; q < chunk_start(words, c + 1) - chunk_start(words, c); q++) {
+                        unsigned word = w[q * TQ_LUT_ROWS + r];
+                        for (int t = 0; t < 3; t++)
+                            dot += table_at((int16_t *)j->tables, j->mb, c, m, 3 * q + t)[(word >> (5 * t)) & 31];
+                    }
+                }
+                a->out[(j->m0 + m) * a->out_stride + n] = scaled(a, j->m0 + m, n, dot);
+            }
+        }
+    }
+}
+
+#ifdef TQ_HAVE_X86
+#define TQ_INLINE static inline __attribute__((always_inline))
+
+/* rows m0 .. m0+R-1 of the block against weight group g over the cq words of chunk c: int16 sums (at
+ * most 84 lookups), widened and added to the int32 sums kept in `out`. */
+TARGET_BW TQ_INLINE void lut_tile(const lut_job *j, int64_t m0, int64_t g, int64_t c, int64_t cq, int first,
+                                  const int R) {
+    const tq_lut_args *a = j->a;
+    const uint16_t *w = chunk_words(a->w, j->groups, tq_lut_words(a->Kp), c, g);
+    const int16_t *t = table_at((int16_t *)j->tables, j->mb, c, m0, 0);
+    __m512i acc[MR];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();
+    for (int64_t q = 0; q < cq; q++) {
+        __m512i i0 = _mm512_loadu_si512(w + q * TQ_LUT_ROWS);
+        __m512i i1 = _mm512_srli_epi16(i0, 5), i2 = _mm512_srli_epi16(i0, 10);
+        for (int r = 0; r < R; r++) {
+            const int16_t *tr = t + (r * CHUNK_GROUPS + 3 * q) * 32;
+            acc[r] = _mm512_add_epi16(acc[r], _mm512_permutexvar_epi16(i0, _mm512_loadu_si512(tr)));
+            acc[r] = _mm512_add_epi16(acc[r], _mm512_permutexvar_epi16(i1, _mm512_loadu_si512(tr + 32)));
+            acc[r] = _mm512_add_epi16(acc[r], _mm512_permutexvar_epi16(i2, _mm512_loadu_si512(tr + 64)));
+        }
+    }
+    int64_t n0 = g * TQ_LUT_ROWS, valid = a->N - n0 < TQ_LUT_ROWS ? a->N - n0 : TQ_LUT_ROWS;
+    __mmask16 lo = (__mmask16)(valid >= 16 ? 0xffff : (1u << valid) - 1);
+    __mmask16 hi = (__mmask16)(valid >= 32 ? 0xffff : valid <= 16 ? 0 : (1u << (valid - 16)) - 1);
+    for (int r = 0; r < R; r++) {
+        int32_t *o = (int32_t *)(a->out + (j->m0 + m0 + r) * a->out_stride + n0);
+        __m512i s0 = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(acc[r]));
+        __m512i s1 = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(acc[r], 1));
+        if (!first) {
+            s0 = _mm512_add_epi32(s0, _mm512_maskz_loadu_epi32(lo, o));
+            s1 = _mm512_add_epi32(s1, _mm512_maskz_loadu_epi32(hi, o + 16));
+        }
+        _mm512_mask_storeu_epi32(o, lo, s0);
+        _mm512_mask_storeu_epi32(o + 16, hi, s1);
+    }
+}
+
+/* The int32 sums in out[m, n0:n1] become ((float)sum / x_scale[m]) * w_scale[n], lane by lane the
+ * same IEEE operations as scaled(). */
+TARGET_BW static void finish_rows(const tq_lut_args *a, int64_t m, int64_t n0, int64_t n1) {
+    float *o = a->out + m * a->out_stride;
+    const __m512 xs = _mm512_set1_ps(a->x_scale[m]);
+    for (int64_t n = n0; n < n1; n += 16) {
+        __mmask16 k = (__mmask16)(n1 - n >= 16 ? 0xffff : (1u << (n1 - n)) - 1);
+        __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(k, o + n));
+        v = _mm512_mul_ps(_mm512_div_ps(v, xs), _mm512_maskz_loadu_ps(k, a->w_scale + n));
+        _mm512_mask_storeu_ps(o + n, k, v);
+    }
+}
+
+TARGET_BW static void lut_rows_avx512(const lut_job *j, int64_t g0, int64_t g1) {
+    const tq_lut_args *a = j->a;
+    const int64_t words = tq_lut_words(a->Kp);
+    int64_t n0 = g0 * TQ_LUT_ROWS, n1 = g1 * TQ_LUT_ROWS < a->N ? g1 * TQ_LUT_ROWS : a->N;
+    if (words == 0) /* K = 0: every dot product is 0 */
+        for (int64_t m = 0; m < j->mb; m++) memset(a->out + (j->m0 + m) * a->out_stride + n0, 0, (size_t)(n1 - n0) * 4);
+    for (int64_t c = 0; c < n_chunks(words); c++) {
+        int64_t cq = chunk_start(words, c + 1) - chunk_start(words, c);
+        for (int64_t m = 0; m < j->mb; m += MR) {
+            for (int64_t g = g0; g < g1; g++) {
+                switch (j->mb - m) {
+                case 1: lut_tile(j, m, g, c, cq, c == 0, 1); break;
+                case 2: lut_tile(j, m, g, c, cq, c == 0, 2); break;
+                case 3: lut_tile(j, m, g, c, cq, c == 0, 3); break;
+                default: lut_tile(j, m, g, c, cq, c == 0, 4); break;
+                }
+            }
+        }
+    }
+    for (int64_t m = 0; m < j->mb; m++) finish_rows(a, j->m0 + m, n0, n1);
+}
+#endif
+
+static void lut_task(void *ctx, int64_t i, int thread) {
+    const lut_job *j = (const lut_job *)ctx;
+    int64_t g0 = j->groups * i / j->tasks, g1 = j->groups * (i + 1) / j->tasks;
+    if (g0 >= g1) return;
+#ifdef TQ_HAVE_X86
+    if (j->simd) {
+        lut_rows_avx512(j, g0, g1);
+        return;
+    }
+#endif
+    lut_rows_portable(j, g0, g1);
+}
+
+/* -------------------------------------------------------------------------------------- driver */
+
+/* Each calling thread keeps its table buffer between calls (decode calls this hundreds of times a
+ * second; a fresh multi-megabyte allocation would page-fault every time). Freed when the thread ends. */
+static pthread_key_t tables_key;
+static pthread_once_t tables_key_once = PTHREAD_ONCE_INIT;
+static __thread int16_t *tls_tables;
+static __thread size_t tls_tables_size;
+
+static void free_tables(void *p) { free(p); }
+static void make_tables_key(void) { pthread_key_create(&tables_key, free_tables); }
+
+static int16_t *thread_tables(size_t bytes) {
+    if (bytes <= tls_tables_size) return tls_tables;
+    pthread_once(&tables_key_once, make_tables_key);
+    void *p = NULL;
+    if (posix_memalign(&p, 64, bytes) != 0) return NULL;
+    free(tls_tables);
+    tls_tables = (int16_t *)p;
+    tls_tables_size = bytes;
+    pthread_setspecific(tables_key, p);
+    return tls_tables;
+}
+
+int tq_lut_simd_available(void) {
+#ifdef TQ_HAVE_X86
+    return tq_x86_cpu_has(TQ_PATH_AVX512BW);
+#else
+    return 0;
+#endif
+}
+
+/* Below this many multiply-adds a second thread costs more to wake than it saves (as in tq_gemm). */
+#define LUT_MIN_WORK_PER_THREAD (1 << 19)
+
+int tq_gemm_lut(const tq_lut_args *a, int simd, int n_threads) {
+    if (a->M == 0 || a->N == 0) return 0;
+    simd = simd && tq_lut_simd_available();
+    const int64_t words = tq_lut_words(a->Kp), chunks = (words + TQ_LUT_CHUNK - 1) / TQ_LUT_CHUNK;
+    const int64_t row_bytes = chunks * CHUNK_GROUPS * TABLE_BYTES;
+    int64_t block = TABLE_BUDGET / (row_bytes > 0 ? row_bytes : 1);
+    block = block < MR ? MR : block - block % MR;
+    if (block > a->M) block = a->M;
+    int16_t *tables = thread_tables((size_t)(block * row_bytes > 0 ? block * row_bytes : 64));
+    if (!tables) return -1;
+    const int64_t groups = (a->N + TQ_LUT_ROWS - 1) / TQ_LUT_ROWS;
+    for (int64_t m0 = 0; m0 < a->M; m0 += block) {
+        int64_t mb = a->M - m0 < block ? a->M - m0 : block;
+        /* tables: about 8 operations per 3 weights of a row, worth splitting only for many rows */
+        tables_job tj = {a, m0, mb, 1, tables, simd};
+        int t_threads = mb >= 8 && n_threads > 1 ? n_threads : 1;
+        if (t_threads > 1) tj.tasks = mb < 4 * t_threads ? mb : 4 * t_threads;
+        tq_parallel(tj.tasks, tables_task, &tj, t_threads);
+
+        lut_job j = {a, tables, m0, mb, groups, 1, simd};
+        int64_t useful = mb * a->N * a->Kp / LUT_MIN_WORK_PER_THREAD;
+        int threads = useful < n_threads ? (int)(useful > 1 ? useful : 1) : n_threads;
+        if (threads > 1) j.tasks = 4 * threads < groups ? 4 * threads : groups;
+        tq_parallel(j.tasks, lut_task, &j, threads);
+    }
+    return 0;
+}
