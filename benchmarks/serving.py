@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ import time
 import grpc
 from bitnet_grpc.client.bench import BenchConfig, run_bench
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serving_breakdown import engine_breakdown  # benchmarks/ is on sys.path when run as a script
 
 
 def free_port() -> int:
@@ -62,28 +64,15 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     return proc, target
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", help="a running server (default: start one)")
-    p.add_argument("--model", help="model for the server this script starts (default: built-in)")
-    p.add_argument("--threads", type=int, help="kernel threads of the server this script starts")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--duration", type=float, default=15.0, help="seconds of load at each concurrency")
-    p.add_argument("--input-len", type=int, default=32)
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--json", help="write all reports to this file")
-    args = p.parse_args(argv)
-
-    proc = None
-    target = args.target
-    if target is None:
-        proc, target = start_server(args)
-    reports = {}
-    try:
-        # Warm-up: first calls pay for lazy initialisation on both sides.
-        run_bench(
-            BenchConfig(target, concurrency=1, requests=2, input_len=8, output_len=8), progress_stream=None
-        )
+def grpc_rounds(args: argparse.Namespace, target: str) -> dict[int, list[dict]]:
+    """Every concurrency level once per round, levels interleaved, all against the same server."""
+    # Warm-up at every level: lazy initialisation on both sides, and scratch buffers sized for the
+    # largest batch, are paid before anything is measured.
+    for c in args.concurrency:
+        warm = BenchConfig(target, concurrency=c, requests=c, input_len=args.input_len, output_len=8)
+        run_bench(warm, progress_stream=None)
+    reports: dict[int, list[dict]] = {c: [] for c in args.concurrency}
+    for r in range(args.rounds):
         for c in args.concurrency:
             config = BenchConfig(
                 target,
@@ -91,27 +80,62 @@ def main(argv: list[str] | None = None) -> int:
                 duration=args.duration,
                 input_len=args.input_len,
                 output_len=args.output_len,
+                temperature=args.temperature,
             )
             report = run_bench(config, progress_stream=None)
-            reports[c] = report
+            reports[c].append(report)
             print(
-                f"concurrency {c:>3}: {report['output_tokens_per_s']:8.1f} tok/s aggregate, "
+                f"round {r + 1} concurrency {c:>3}: {report['output_tokens_per_s']:8.1f} tok/s aggregate, "
                 f"TTFT p50 {report['ttft_ms']['p50']:7.1f} ms, ITL p50 {report['itl_ms']['p50']:6.1f} ms, "
                 f"{report['requests_completed']} ok / {report['requests_failed']} failed",
                 flush=True,
             )
+    return reports
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", help="a running server (default: start one)")
+    p.add_argument("--model", help="model for the server this script starts (default: built-in)")
+    p.add_argument("--threads", type=int, help="kernel threads of the server this script starts")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of load per level and round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over all levels (medians reported)")
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--temperature", type=float, help="default: the server's (1.0, plain sampling)")
+    p.add_argument(
+        "--breakdown", action="store_true", help="also time the engine in-process: per step and per kernel"
+    )
+    p.add_argument("--json", help="write all reports to this file")
+    args = p.parse_args(argv)
+
+    proc = None
+    target = args.target
+    if target is None:
+        proc, target = start_server(args)
+    try:
+        reports = grpc_rounds(args, target)
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=60)
-    lo, hi = min(reports), max(reports)
-    ratio = reports[hi]["output_tokens_per_s"] / max(reports[lo]["output_tokens_per_s"], 1e-9)
+    medians = {c: statistics.median(r["output_tokens_per_s"] for r in runs) for c, runs in reports.items()}
+    lo, hi = min(medians), max(medians)
+    ratio = medians[hi] / max(medians[lo], 1e-9)
+    for c, tps in medians.items():
+        print(f"median concurrency {c:>3}: {tps:8.1f} tok/s")
     print(
-        f"aggregate tokens/s, concurrency {hi} vs {lo}: {ratio:.2f}x (target >= 5x); cores: {os.cpu_count()}"
+        f"aggregate tokens/s, concurrency {hi} vs {lo} (medians of {args.rounds} rounds): {ratio:.2f}x "
+        f"(target >= 5x); cores: {os.cpu_count()}",
+        flush=True,
     )
+    breakdown = engine_breakdown(args) if args.breakdown else None
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"reports": reports, "ratio": ratio}, f, indent=2)
+            json.dump(
+                {"reports": reports, "medians": medians, "ratio": ratio, "engine": breakdown}, f, indent=2
+            )
     return 0
 
 

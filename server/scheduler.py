@@ -92,6 +92,18 @@ class Update:
     time: float
 
 
+@dataclass
+class StepTimes:
+    """Where the engine thread's time went (seconds, summed over steps): the forward pass, choosing
+    and emitting tokens, and the rest of a step (admission, batch building). Read by benchmarks."""
+
+    steps: int = 0
+    rows: int = 0  # forward rows (decode tokens and prefill tokens)
+    forward: float = 0.0
+    sampling: float = 0.0
+    scheduling: float = 0.0
+
+
 @dataclass(eq=False)
 class Sequence:
     """One request inside the scheduler. Other threads may only read it, or call `cancel()`."""
@@ -158,6 +170,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._step_seconds = 0.05  # moving average, for retry hints
         self.steps = 0
+        self.times = StepTimes()
 
     # ---- called from other threads -------------------------------------------------------------------
     def start(self) -> None:
@@ -242,7 +255,7 @@ class Scheduler:
                         log.exception("could not fail request %s", seq.request_id)
 
     def _step(self) -> None:
-        now = time.monotonic()
+        begun = now = time.monotonic()
         self._drop_ended(now)
         self._admit(now)
         batch = self._build_batch()
@@ -254,6 +267,16 @@ class Scheduler:
         now = time.monotonic()
         self._step_seconds = 0.9 * self._step_seconds + 0.1 * (now - started)
         self.steps += 1
+        self._emit(samplers, logits, now)
+        times = self.times
+        times.steps += 1
+        times.rows += len(tokens)
+        times.forward += now - started
+        times.sampling += time.monotonic() - now
+        times.scheduling += started - begun
+
+    def _emit(self, samplers: list[Sequence], logits: np.ndarray, now: float) -> None:
+        """Choose each sequence's token from its logits row and hand the event to its channel."""
         chosen: list[int | None] = [None] * len(samplers)
         if self._choose is not None:
             chosen = self._choose([seq.decoder for seq in samplers], logits)
