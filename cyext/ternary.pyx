@@ -482,9 +482,14 @@ def lut_size(n: int, kp: int) -> int:
 
 
 def lut_preferred() -> bool:
-    """True when this CPU runs the LUT layout's SIMD kernel (AVX-512BW): faster than the 2-bit kernels,
-    and 11% fewer weight bytes. Elsewhere the LUT layout works (plain C) but the 2-bit one is faster."""
-    return tq_lut_simd_available() != 0
+    """Whether a model should keep its weights in the LUT layout: True when this CPU runs the LUT
+    kernel's SIMD path (AVX-512BW), where it beats the 2-bit kernels with 11% fewer weight bytes,
+    unless the environment sets BITNET_GRPC_LAYOUT=2bit. Elsewhere the LUT layout works (plain C) but
+    the 2-bit layout is faster."""
+    layout = os.environ.get("BITNET_GRPC_LAYOUT", "auto")
+    if layout not in ("auto", "lut", "2bit"):
+        raise ValueError(f"BITNET_GRPC_LAYOUT must be auto, lut or 2bit, got {layout!r}")
+    return layout == "lut" or (layout == "auto" and tq_lut_simd_available() != 0)
 
 
 def bitlinear(x, packed, w_scale, out=None) -> np.ndarray:

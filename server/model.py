@@ -32,10 +32,12 @@ class PackedLinear:
     """One or more ternary projections of the same input, packed as one matrix.
 
     Fusing (q|k|v, gate|up) quantises the input once and reads the weights in one pass; `scale` holds
-    each output row's tensor scale so the fused rows keep their own.
+    each output row's tensor scale so the fused rows keep their own. On CPUs with AVX-512BW the weights
+    are kept in the kernels' LUT layout (ternary.pack_lut: fewer bytes, table-lookup kernel, same
+    results bit for bit), elsewhere in the 2-bit layout.
     """
 
-    packed: np.ndarray  # uint8 [out, padded_k(in) / 4]
+    packed: np.ndarray  # uint8 [out, padded_k(in) / 4], or the flat uint16 LUT layout
     scale: np.ndarray  # float32 [out]
     in_features: int
     out_features: int
@@ -49,7 +51,10 @@ class PackedLinear:
             )
         codes = tensors[0].codes if len(tensors) == 1 else np.concatenate([t.codes for t in tensors])
         scale = np.concatenate([np.full(t.shape[0], t.scale, np.float32) for t in tensors])
-        return cls(ternary.pack_ternary(np.ascontiguousarray(codes, np.int8)), scale, in_features, len(scale))
+        packed = ternary.pack_ternary(np.ascontiguousarray(codes, np.int8))
+        if ternary.lut_preferred():
+            packed = ternary.pack_lut(packed)
+        return cls(packed, scale, in_features, len(scale))
 
 
 @dataclass

@@ -580,3 +580,15 @@ def test_kernel_path_selection():
     env["BITNET_GRPC_KERNEL"] = "nonsense"
     failed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert failed.returncode != 0 and "ValueError: unknown kernel path 'nonsense'" in failed.stderr
+
+
+def test_lut_preferred_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("BITNET_GRPC_LAYOUT", "auto")
+    assert ternary.lut_preferred() == ("avx512bw" in ternary.kernel_paths())
+    monkeypatch.setenv("BITNET_GRPC_LAYOUT", "2bit")
+    assert not ternary.lut_preferred()
+    monkeypatch.setenv("BITNET_GRPC_LAYOUT", "lut")
+    assert ternary.lut_preferred()
+    monkeypatch.setenv("BITNET_GRPC_LAYOUT", "fast")
+    with pytest.raises(ValueError, match="BITNET_GRPC_LAYOUT must be auto, lut or 2bit"):
+        ternary.lut_preferred()

@@ -157,6 +157,18 @@ def test_logit_rows_select_and_out_buffer():
         model.forward([0], [1], [7], [0], out=np.empty((2, 3), np.float32))
 
 
+def test_weight_layouts_give_identical_logits(monkeypatch):
+    """LUT layout (the default on AVX-512BW CPUs) and 2-bit layout: the same logits bit for bit."""
+    weights = random_weights(7)
+    logits = {}
+    for layout in ("lut", "2bit"):
+        monkeypatch.setenv("BITNET_GRPC_LAYOUT", layout)
+        model = Model(weights, n_slots=1, ctx_size=32)
+        assert model.layers[0].qkv.packed.dtype == (np.uint16 if layout == "lut" else np.uint8)
+        logits[layout] = prefill(model, 0, TOKENS)
+    np.testing.assert_array_equal(logits["lut"].view(np.uint32), logits["2bit"].view(np.uint32))
+
+
 def test_bad_rows_are_refused():
     weights = random_weights(7)
     model = Model(weights, n_slots=2, ctx_size=16)
