@@ -270,7 +270,10 @@ def choose_batch(samplers: list[Sampler], logits: np.ndarray) -> list[int | None
 
 def draw_rows(scores: np.ndarray, temperatures: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     """One token per row from softmax(scores[i] / temperatures[i]), using uniforms[i] in [0, 1)."""
-    z = np.divide(scores, temperatures[:, None], dtype=np.float64)
+    if np.all(temperatures == 1.0):  # x / 1 == x exactly: skip the divide
+        z = scores.astype(np.float64)
+    else:
+        z = np.divide(scores, temperatures[:, None], dtype=np.float64)
     z -= z.max(axis=1, keepdims=True)
     return pick_rows(np.exp(z, out=z), uniforms)
 
