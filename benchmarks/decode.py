@@ -7,10 +7,13 @@ For each thread count (default 1 and 2) each implementation runs in its own chil
 pools sized before anything is imported, no two measurements at once): a prompt of --prompt random ids
 as one prefill call, then --decode greedy tokens one call each; the median of --repeat runs after a
 warm-up. That is repeated for --rounds rounds in alternating order; the table shows medians over rounds
-and ratios taken within each round (the machine may be shared: load changes hit both sides alike). "ours" times `Model.forward` plus the argmax, as llama.cpp is timed through
-llama-cpp-python's `eval` plus the argmax; "engine" times `Engine.generate` (greedy, with detokenising
-and stop handling) for the same work. llama.cpp runs with its default f16 KV cache; it is skipped when
-llama-cpp-python is not installed. Ratios are ours / llama.cpp (above 1: we are faster).
+and ratios taken within each round (the machine may be shared: load changes hit both sides alike).
+"ours" times `Model.forward` plus the argmax, as llama.cpp is timed through llama-cpp-python's `eval`
+plus the argmax; "engine" times `Engine.generate` (greedy, detokenising, stop handling) for the same work.
+Under contention for cores (more busy threads than cores) llama.cpp's spinning thread pool slows down far
+more than ours: compare figures taken on an otherwise idle machine. llama.cpp runs with its default f16
+KV cache; it is skipped when llama-cpp-python is not installed. Ratios are ours / llama.cpp (above 1:
+we are faster).
 """
 
 from __future__ import annotations
