@@ -248,22 +248,14 @@ class _GGUFModelReader:
                 f"{self.path}: tensor token_embd.weight: bad shape {list(embd.shape)}, expected 2-D"
             )
         cfg = self.config(vocab_size=embd.shape[0])
-        d, q, kv, ff = cfg.d_model, cfg.q_dim, cfg.kv_dim, cfg.d_ff
+        d = cfg.d_model
         floats: dict[str, np.ndarray] = {}
         floats["token_embd.weight"] = self.float_tensor(self.info("token_embd.weight", (cfg.vocab_size, d)))
         floats["output_norm.weight"] = self.float_tensor(self.info("output_norm.weight", (d,)))
         if not cfg.tied_embeddings:
             floats["output.weight"] = self.float_tensor(self.info("output.weight", (cfg.vocab_size, d)))
-        norm_dims = {"attn_norm": d, "attn_sub_norm": q, "ffn_norm": d, "ffn_sub_norm": ff}
-        proj_shapes = {
-            "attn_q": (q, d),
-            "attn_k": (kv, d),
-            "attn_v": (kv, d),
-            "attn_output": (d, q),
-            "ffn_gate": (ff, d),
-            "ffn_up": (ff, d),
-            "ffn_down": (d, ff),
-        }
+        norm_dims = cfg.norm_dims()
+        proj_shapes = cfg.projection_shapes()
         ternary: dict[str, TernaryTensor] = {}
         expected = set(floats)
         for layer in range(cfg.n_layers):

@@ -257,23 +257,15 @@ class _HFModelReader:
                 f"{self.where}: tensor {embed_name}: bad shape {list(embed_info.shape)}, expected 2-D"
             )
         cfg = self.model_config(vocab_size=embed_info.shape[0])
-        d, q, kv, ff = cfg.d_model, cfg.q_dim, cfg.kv_dim, cfg.d_ff
+        d = cfg.d_model
         floats = {
             "token_embd.weight": self.floats(embed_name, (cfg.vocab_size, d)),
             "output_norm.weight": self.floats("model.norm.weight", (d,)),
         }
         if not cfg.tied_embeddings:
             floats["output.weight"] = self.floats("lm_head.weight", (cfg.vocab_size, d))
-        norm_dims = {"attn_norm": d, "attn_sub_norm": q, "ffn_norm": d, "ffn_sub_norm": ff}
-        proj_shapes = {
-            "attn_q": (q, d),
-            "attn_k": (kv, d),
-            "attn_v": (kv, d),
-            "attn_output": (d, q),
-            "ffn_gate": (ff, d),
-            "ffn_up": (ff, d),
-            "ffn_down": (d, ff),
-        }
+        norm_dims = cfg.norm_dims()
+        proj_shapes = cfg.projection_shapes()
         ternary: dict[str, TernaryTensor] = {}
         for layer in range(cfg.n_layers):
             base = f"model.layers.{layer}"

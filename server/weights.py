@@ -49,6 +49,24 @@ class ModelConfig:
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
 
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """[out, in] of each ternary projection of a layer, by GGUF name."""
+        d, q, kv, ff = self.d_model, self.q_dim, self.kv_dim, self.d_ff
+        return {
+            "attn_q": (q, d),
+            "attn_k": (kv, d),
+            "attn_v": (kv, d),
+            "attn_output": (d, q),
+            "ffn_gate": (ff, d),
+            "ffn_up": (ff, d),
+            "ffn_down": (d, ff),
+        }
+
+    def norm_dims(self) -> dict[str, int]:
+        """Width of each RMSNorm weight of a layer, by GGUF name (the sub-norms sit inside the block)."""
+        return {"attn_norm": self.d_model, "attn_sub_norm": self.q_dim, "ffn_norm": self.d_model,
+                "ffn_sub_norm": self.d_ff}  # fmt: skip
+
 
 @dataclass
 class TernaryTensor:
