@@ -1,14 +1,48 @@
-"""Serving throughput: aggregate generated tokens/s at concurrency 1, 4 and 16 against one server.
+"""Serving throughput: aggregate generated tokens/s at concurrency 1 and 16 (or any levels) on one server.
 
 Continuous batching should make 16 concurrent streams cost little more per step than one (the weights
 are read once per step for every sequence), so the 16-vs-1 ratio of aggregate tokens/s is the number
-to watch (target: >= 5x on the built-in model).
+to watch (issue 4 target: >= 5x on the built-in model).
 
     python benchmarks/serving.py                       # starts its own server on the built-in model
+    python benchmarks/serving.py --breakdown           # and times the engine in-process (see below)
+    python benchmarks/serving.py --model big.gguf      # a bigger model (tools/make_bench_model.py)
     python benchmarks/serving.py --target 127.0.0.1:50051   # or measures a running one
 
-It starts `bitnet-grpc serve` as a subprocess (so client and server do not share a GIL) unless --target
-is given, and drives it with the client package's load generator (closed loop, fixed output length).
+It starts `bitnet-grpc serve --max-batch <largest level>` as a subprocess (client and server do not
+share a GIL) unless --target is given, and drives it with the client package's load generator: closed
+loop, synthetic prompts of exactly --input-len token ids, --output-len tokens each (ignore_eos),
+sampling at the server's default temperature 1 unless --temperature. Every level is warmed up first,
+then the levels take turns for --rounds rounds of --duration seconds against the same server, and the
+ratio is taken between medians: on a shared machine the load of other processes moves single runs by
++-30%. The client runs on the same cores as the server.
+
+Where the time goes (2-core shared VM, load 3-4, AVX-512 VNNI; `--duration 8 --rounds 3 --breakdown`):
+
+    through gRPC:   c=1 2183 tok/s, c=16 3493 tok/s (rounds 3492..4858): 1.60x
+    in-process:     c=1 2529 tok/s, c=16 5472 tok/s: 2.16x (engine thread busy > 98% at both)
+    per step, ms    forward   sampling   scheduling   rows/step
+      c=1           0.294     0.089      0.006        1.5  (a 32-row prefill every 65 steps)
+      c=16          2.388     0.458      0.019        23.3
+    forward by kernel, ms, 1 -> 16 decode rows at position 64 (built-in model, 2 kernel threads):
+      ternary matmul incl. quantisation 0.107 -> 1.036, output head (4096 x 256 floats) 0.073 -> 0.966,
+      attention 0.034 -> 0.411, norms/rope/kv/gate 0.07 -> 0.15, Python glue 0.03 -> 0.07;
+      total 0.311 -> 2.642 ms (8.5x the work of one row for 16 rows)
+
+So the forward pass caps the ratio: 16 rows cost 8.5x one row, hence at most ~16 / 8.5 = 1.9x from
+the engine, whatever the serving layer does (the in-process 2.16x is a little higher because c=1 also
+pays per-step overheads that 16 rows share). The built-in model is small: per row, the output head
+(1M float multiply-adds) takes about as long as all 5.1M ternary weights (0.07 vs 0.11 ms), and with
+attention they are per-row work that batching cannot share; reading the weights once per step saves
+little. The serving layer itself costs: sampling 0.46 ms per
+16-row step (one batched divide/exp/pick over [16, 4096] floats; 0.86 ms when each sequence sampled
+alone), the gRPC threads hold the GIL ~8% of the time at c=16 (py-spy --gil), and the client process
+shares the two cores (gRPC c=16 is 64-89% of in-process).
+A 730M model (tools/make_bench_model.py, 24 x 1536, vocab 32002; --input-len 16 --output-len 32
+--rounds 1 --duration 20) shows the same: 47 tok/s at c=1, 72 at c=16 (1.53x); forward 13.6 ms for
+1 row vs 119 ms for 16 (1 thread; 229 ms with 2 threads under load): the ternary kernel and the
+output head are compute-bound per row, not weight-read-bound, so batching pays only once those
+kernels reuse each loaded weight block across the rows of the batch.
 """
 
 from __future__ import annotations
