@@ -20,6 +20,7 @@ ratio is taken between medians: on a shared machine the load of other processes 
 Where the time goes (2-core shared VM, load 3-4, AVX-512 VNNI; `--duration 8 --rounds 3 --breakdown`):
 
     through gRPC:   c=1 2183 tok/s, c=16 3493 tok/s (rounds 3492..4858): 1.60x
+                    (a second run: 2126 and 3683 tok/s, 1.73x; in-process 2256 and 3988, 1.77x)
     in-process:     c=1 2529 tok/s, c=16 5472 tok/s: 2.16x (engine thread busy > 98% at both)
     per step, ms    forward   sampling   scheduling   rows/step
       c=1           0.294     0.089      0.006        1.5  (a 32-row prefill every 65 steps)
