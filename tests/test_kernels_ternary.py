@@ -493,17 +493,19 @@ def test_lut_extreme_activations_cannot_wrap(kernel_path):
     assert acc[0, 0] == 128 * k and acc[0, 1] == -128 * k  # the sums really were that large
 
 
-def test_lut_row_blocks_threads_and_batch_invariance(kernel_path, threads):
-    """M = 30 with K = 6912: the tables of all rows do not fit the kernel's budget, so rows run in
-    blocks; every thread count and every row alone must give the same bits."""
-    x, packed, w_scale = random_problem(np.random.default_rng(31), 30, 70, 6912)
+@pytest.mark.parametrize("m,n,k", [(30, 70, 6912), (130, 70, 1000), (4, 300, 1000)])
+def test_lut_row_blocks_threads_and_batch_invariance(kernel_path, threads, m, n, k):
+    """Rows run in blocks whose tables fit the kernel's budget (30 rows of K = 6912: blocks of 12; 130
+    rows of K = 1024: 96 + 34), and threads split either the row tiles (many rows) or the weight
+    groups (few rows). Every thread count and every row alone must give the same bits."""
+    x, packed, w_scale = random_problem(np.random.default_rng(m + n), m, n, k)
     lut = ternary.pack_lut(packed)
     want = ref.bitlinear(x, packed, w_scale)
-    for n in (1, 2, 3):
-        threads(n)
-        assert same_bits(ternary.bitlinear(x, lut, w_scale), want), n
-    for m in (0, 17, 29):
-        assert same_bits(ternary.bitlinear(x[m : m + 1], lut, w_scale), want[m : m + 1])
+    for count in (1, 2, 3, 4):
+        threads(count)
+        assert same_bits(ternary.bitlinear(x, lut, w_scale), want), count
+    for row in (0, m // 2, m - 1):
+        assert same_bits(ternary.bitlinear(x[row : row + 1], lut, w_scale), want[row : row + 1])
 
 
 def test_lut_bitlinear_into_strided_out_and_errors(kernel_path):
