@@ -476,6 +476,8 @@ def pack_lut(packed) -> np.ndarray:
     cdef int nt = _num_threads
     with nogil:
         bad = tq_pack_lut(&pv[0, 0], N, Kp, &lv[0], nt)
+    if bad == -2:
+        raise MemoryError("no memory to convert the weights to the LUT layout")
     if bad >= 0:
         raise ValueError(f"packed[{bad // (Kp // 4)}, {bad % (Kp // 4)}] holds the invalid code 3")
     return lut

@@ -91,7 +91,8 @@ typedef struct {
     int64_t M, N, Kp;
 } tq_lut_args;
 
-/* Returns -1 on success, else the flat index (in packed) of the first byte holding code 3. */
+/* Returns -1 on success, -2 if out of memory, else the flat index (in packed) of the first byte holding
+ * code 3. */
 int64_t tq_pack_lut(const uint8_t *packed, int64_t N, int64_t Kp, uint16_t *lut, int n_threads);
 int tq_lut_simd_available(void);
 /* simd = 0 forces plain C. Returns -1 if the table buffer cannot be allocated, else 0. */

@@ -66,54 +66,68 @@ typedef struct {
     const uint8_t *packed;
     uint16_t *lut;
     int64_t N, Kp, words, groups, tasks;
-    _Atomic int64_t bad;
+    _Atomic int64_t bad;    /* lowest index (in packed) of a byte holding code 3 */
+    _Atomic int out_of_memory;
 } pack_lut_job;
 
-static inline int code_at(const uint8_t *row, int64_t k) {
-    return (row[(k / TQ_BLOCK) * TQ_BLOCK_BYTES + k % 64] >> (2 * ((k % TQ_BLOCK) / 64))) & 3;
+static void record_bad(pack_lut_job *j, int64_t byte) {
+    int64_t cur = atomic_load_explicit(&j->bad, memory_order_relaxed);
+    while (byte < cur &&
+           !atomic_compare_exchange_weak_explicit(&j->bad, &cur, byte, memory_order_relaxed, memory_order_relaxed)) {
+    }
+}
+
+/* Codes c = w + 1 of row n in element order, padded with 1 (weight 0) to 9 * words; rows past N are all 1. */
+static void row_codes(pack_lut_job *j, int64_t n, uint8_t *codes) {
+    const int64_t row_bytes = j->Kp / 4;
+    memset(codes, 1, (size_t)(9 * j->words));
+    if (n >= j->N) return;
+    const uint8_t *row = j->packed + n * row_bytes;
+    for (int64_t b = 0; b < j->Kp / TQ_BLOCK; b++)
+        for (int jj = 0; jj < TQ_BLOCK_BYTES; jj++) {
+            unsigned byte = row[b * TQ_BLOCK_BYTES + jj];
+            for (int l = 0; l < 4; l++) {
+                unsigned c = (byte >> (2 * l)) & 3;
+                if (c == 3) {
+                    record_bad(j, n * row_bytes + b * TQ_BLOCK_BYTES + jj);
+                    c = 1;
+                }
+                codes[b * TQ_BLOCK + 64 * l + jj] = (uint8_t)c;
+            }
+        }
 }
 
 static void pack_lut_task(void *ctx, int64_t i, int thread) {
     pack_lut_job *j = (pack_lut_job *)ctx;
-    const int64_t row_bytes = j->Kp / 4;
+    uint8_t *codes = malloc((size_t)(9 * j->words) + 1);
+    if (!codes) {
+        atomic_store(&j->out_of_memory, 1);
+        return;
+    }
     for (int64_t g = j->groups * i / j->tasks; g < j->groups * (i + 1) / j->tasks; g++) {
         for (int r = 0; r < TQ_LUT_ROWS; r++) {
-            int64_t c = 0;
-            int64_t n = g * TQ_LUT_ROWS + r;
-            const uint8_t *row = j->packed + n * row_bytes;
+            row_codes(j, g * TQ_LUT_ROWS + r, codes);
+            int64_t chunk = 0;
             for (int64_t q = 0; q < j->words; q++) {
+                const uint8_t *c = codes + 9 * q;
                 unsigned word = 0;
-                for (int t = 0; t < 3; t++) {
-                    unsigned index = 0, power = 1;
-                    for (int s = 0; s < 3; s++, power *= 3) {
-                        int64_t k = 9 * q + 3 * t + s;
-                        int c = n < j->N && k < j->Kp ? code_at(row, k) : 1;
-                        if (c == 3) {
-                            int64_t byte = n * row_bytes + (k / TQ_BLOCK) * TQ_BLOCK_BYTES + k % 64;
-                            int64_t cur = atomic_load_explicit(&j->bad, memory_order_relaxed);
-                            while (byte < cur && !atomic_compare_exchange_weak_explicit(
-                                                     &j->bad, &cur, byte, memory_order_relaxed, memory_order_relaxed)) {
-                            }
-                            c = 1;
-                        }
-                        index += (unsigned)c * power;
-                    }
-                    word |= index << (5 * t);
-                }
-                if (q == chunk_start(j->words, c + 1)) c++;
-                uint16_t *dst = (uint16_t *)chunk_words(j->lut, j->groups, j->words, c, g);
-                dst[(q - chunk_start(j->words, c)) * TQ_LUT_ROWS + r] = (uint16_t)word;
+                for (int t = 0; t < 3; t++) word |= (unsigned)(c[3 * t] + 3 * c[3 * t + 1] + 9 * c[3 * t + 2]) << (5 * t);
+                if (q == chunk_start(j->words, chunk + 1)) chunk++;
+                uint16_t *dst = (uint16_t *)chunk_words(j->lut, j->groups, j->words, chunk, g);
+                dst[(q - chunk_start(j->words, chunk)) * TQ_LUT_ROWS + r] = (uint16_t)word;
             }
         }
     }
+    free(codes);
 }
 
 int64_t tq_pack_lut(const uint8_t *packed, int64_t N, int64_t Kp, uint16_t *lut, int n_threads) {
     int64_t groups = (N + TQ_LUT_ROWS - 1) / TQ_LUT_ROWS;
-    pack_lut_job j = {packed, lut, N, Kp, tq_lut_words(Kp), groups, 1, INT64_MAX};
+    pack_lut_job j = {packed, lut, N, Kp, tq_lut_words(Kp), groups, 1, INT64_MAX, 0};
     int threads = N * Kp >= (1 << 20) && n_threads > 1 ? n_threads : 1;
     j.tasks = threads > 1 ? (4 * threads < groups ? 4 * threads : groups) : 1;
     tq_parallel(j.tasks, pack_lut_task, &j, threads);
+    if (atomic_load(&j.out_of_memory)) return -2;
     int64_t bad = atomic_load(&j.bad);
     return bad == INT64_MAX ? -1 : bad;
 }
