@@ -2,6 +2,10 @@
 
     python benchmarks/kernels.py                     # 2B4T and 0.7B shapes, M = 1 8 32 128, threads 1 and 2
     python benchmarks/kernels.py --m 1,32 --threads 2 --seconds 0.5 --json /tmp/kernels.json
+    python benchmarks/kernels.py --layout 2bit --threads 1 --clock cpu   # the 2-bit kernels instead
+
+The ternary call is bitlinear_into with preallocated scratch (quantise + matmul, as the model runs
+it), on the weight layout the model would pick (--layout auto: the LUT layout on AVX-512BW CPUs).
 
 Each thread count runs in its own child process whose OPENBLAS_NUM_THREADS / OMP_NUM_THREADS are set
 before numpy is imported (and threadpoolctl, when installed, pins the BLAS pool too), so numpy and
@@ -53,6 +57,18 @@ def per_call_seconds(fn, seconds: float, clock, min_calls: int = 15) -> dict[str
     }
 
 
+def aligned_copy(a):
+    """A copy whose data starts at a 64-byte boundary, as pack_ternary/pack_lut return theirs (numpy's
+    own copies are only 16-byte aligned, and 64-byte loads that straddle cache lines are slower)."""
+    import numpy as np
+
+    buf = np.empty(a.nbytes + 64, np.uint8)
+    start = (-buf.ctypes.data) % 64
+    out = buf[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
 def cycling(make_call, copies):
     """A zero-argument function that calls make_call(copy) on the next copy each time."""
     state = {"i": 0}
@@ -65,7 +81,9 @@ def cycling(make_call, copies):
     return call
 
 
-def child(lib: str, threads: int, ms: list[int], models: list[str], seconds: float, clock_name: str) -> None:
+def child(
+    lib: str, threads: int, ms: list[int], models: list[str], seconds: float, clock_name: str, layout: str
+) -> None:
     """Measure one library at one thread count; print one JSON object per case. The two libraries
     run in separate processes because each one's idle threads spin for a while after a call and
     would steal the cores from the other."""
@@ -89,17 +107,24 @@ def child(lib: str, threads: int, ms: list[int], models: list[str], seconds: flo
             if lib == "ternary":
                 codes, scale = ternary.ternarize(w)
                 hot = ternary.pack_ternary(codes)
+                if layout == "lut":
+                    hot = ternary.pack_lut(hot)
                 w_scale = np.full(n, scale, np.float32)
             else:
                 hot = w
-            copies = [hot.copy() for _ in range(max(2, -(-COLD_BYTES // hot.nbytes)))]
+            copies = [aligned_copy(hot) for _ in range(max(2, -(-COLD_BYTES // hot.nbytes)))]
             for m in ms:
                 x = rng.standard_normal((m, k)).astype(np.float32)
                 out = np.empty((m, n), np.float32)
                 if lib == "ternary":
+                    scratch = (
+                        np.empty((m, ternary.padded_k(k)), np.int8),
+                        np.empty(m, np.float32),
+                        np.empty(m, np.int32),
+                    )
 
-                    def call(p, x=x, out=out, w_scale=w_scale):
-                        ternary.bitlinear(x, p, w_scale, out=out)
+                    def call(p, x=x, out=out, w_scale=w_scale, scratch=scratch):
+                        ternary.bitlinear_into(x, p, w_scale, *scratch, out)
                 else:
 
                     def call(wf, x=x, out=out):
@@ -115,7 +140,7 @@ def child(lib: str, threads: int, ms: list[int], models: list[str], seconds: flo
                     "weight_bytes": hot.nbytes,
                     "hot": per_call_seconds(lambda f=call, h=hot: f(h), seconds, clock),
                     "cold": per_call_seconds(cycling(call, copies), seconds, clock),
-                    "path": ternary.get_kernel_path(),
+                    "path": ternary.get_kernel_path() if layout == "2bit" else "lut",
                     "blas_control": blas_control,
                 }
                 print(json.dumps(row), flush=True)
@@ -130,6 +155,7 @@ def run_children(args) -> list[dict]:
             env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
             cmd = [sys.executable, __file__, "--child", lib, str(threads), "--m", ",".join(map(str, args.m))]
             cmd += ["--models", ",".join(args.models), "--seconds", str(args.seconds), "--clock", args.clock]
+            cmd += ["--layout", args.layout]
             done = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if done.returncode != 0:
                 sys.exit(f"benchmark child ({lib}, {threads} threads) failed:\n{done.stderr}")
@@ -198,13 +224,23 @@ def main() -> None:
     parser.add_argument(
         "--stat", choices=("median", "p10"), default="median", help="which single-call statistic to print"
     )
+    parser.add_argument(
+        "--layout",
+        choices=("auto", "lut", "2bit"),
+        default="auto",
+        help="weight layout: auto = what the model uses (LUT on AVX-512BW CPUs, else 2-bit)",
+    )
     parser.add_argument("--json", help="also write the raw rows (with 90th percentiles) to this file")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.m = [int(v) for v in args.m.split(",")]
     args.models = args.models.split(",")
+    if args.layout == "auto":
+        from bitnet_grpc.cyext import ternary
+
+        args.layout = "lut" if getattr(ternary, "lut_preferred", lambda: False)() else "2bit"
     if args.child:
-        child(args.child[0], int(args.child[1]), args.m, args.models, args.seconds, args.clock)
+        child(args.child[0], int(args.child[1]), args.m, args.models, args.seconds, args.clock, args.layout)
         return
     args.threads = [int(v) for v in args.threads.split(",")]
     if args.clock == "cpu" and args.threads != [1]:

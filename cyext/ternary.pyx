@@ -10,6 +10,14 @@ Packed layout (what `pack_ternary` writes and every matmul path reads)
     codes, which line up with four consecutive 64-byte slices of the activation row. packed has shape
     [N, Kp // 4], uint8, rows contiguous.
 
+LUT layout (what `pack_lut` makes from the packed layout; ternary_lut.c has the details)
+    Weight rows in groups of 32; each row's codes in 16-bit words of three 5-bit indices
+    c0 + 3 c1 + 9 c2 (three weights each); words chunk-major. A flat uint16 array of
+    lut_size(N, Kp) elements (1.78 bits per weight; N comes from w_scale). Every function that takes
+    `packed` also takes this layout and returns the same bits. Its kernel looks the indices up in
+    per-row tables of the 27 signed sums of three activations (vpermw: 96 multiply-adds per
+    instruction) instead of multiplying; `lut_preferred()` says whether a model should use it.
+
 Activation quantisation (per row, absmax)
     x_scale = 127 / max(max|x|, 1e-5), computed in float32; xq = clip(round(x * x_scale), -128, 127)
     with round half to even (the IEEE default, like numpy.rint: 0.5 -> 0, 1.5 -> 2, -2.5 -> -2); the
@@ -38,7 +46,26 @@ Paths and threads
     on one. Unlike an OpenMP region, a call never waits for a worker that has not started: when
     other processes keep the cores busy it slows towards one-thread speed instead of waiting
     scheduler slices. Calls from several Python threads at once are safe (one of them uses the pool,
-    the others run on their own thread).
+    the others run on their own thread). The LUT layout runs plain C when the path is "portable",
+    else its AVX-512BW kernel. The pool is shared with floatops (task_pool.h).
+
+Speed on the development machine (AMD EPYC Zen 4, 3.6 GHz, 2 vCPUs shared with other jobs)
+    Instruction throughput, one core, microbenchmark: vpdpbusd zmm 1.0/cycle (64 u8 x s8 multiply-adds),
+    vpdpbusd ymm 2.0/cycle (also 64), vpmaddubsw zmm 1.0/cycle and ymm 2.0/cycle (64, and only int16
+    results); vpmaddubsw + vpaddw pairs 0.71/cycle (zmm) and 1.64/cycle (ymm): 45 and 52 per cycle, so
+    int16 accumulation cannot beat vpdpbusd. Every multiplier shares the same two pipes: 64
+    multiply-adds per cycle is the ceiling of any multiply kernel (230 G/s). vpermw + vpaddw pairs run
+    at 0.80-0.82/cycle = 77-79 weight multiply-adds per cycle (96 per lookup); the LUT kernel's inner
+    loop of four activation rows reaches 77 in L1 (277 G/s), the whole call 230-240 G/s on one thread.
+    benchmarks/kernels.py, 2B4T shapes, one thread, CPU clock, G weights/s = GOPS / 2, weights hot in
+    cache / cold from RAM: M = 32: LUT 198-237 / 190-228, 2-bit (vpdpbusd) 194-207 / 186-208;
+    M = 1: LUT 108-136 / 71-97, 2-bit 124-180 / 53-83. Two threads (p10 of wall time, load about 1):
+    M = 32 LUT 300-470 / 270-420, 2-bit 360-400 / 330-380; M = 1 LUT 156-253 / 51-149, 2-bit 215-313 /
+    79-175. Time per row at M = 1 over time per row at M = 32 (the batching gain): one thread 1.65-1.83
+    in cache and 2.2-2.8 from RAM (LUT), 1.15-1.6 and 2.4-3.5 (2-bit); two threads 1.6-2.3 and 2.9-5.3
+    (LUT; the 5x only where its own single-row calls are slow, 2.9 against the 2-bit kernel's). A 4x
+    gain on one core would need M = 32 above 4 x 140 G/s in cache or 4 x 80 G/s from RAM: past both
+    ceilings above. Decode of a 730M model: LUT and 2-bit within noise; prefill +14% (1 thread).
 """
 
 import os

@@ -1,9 +1,10 @@
 /* Ternary kernels in plain C, shared by cyext/ternary.pyx (the Python API) and the SIMD sources.
  *
  * The packed layout, the rounding rules and the exactness argument are documented at the top of
- * ternary.pyx; this header only declares what the .c files provide. All functions may be called from
- * several threads at once (the only shared state is the worker pool, which serialises itself) and
- * never touch Python.
+ * ternary.pyx (the LUT layout at the top of ternary_lut.c); this header only declares what the .c files
+ * provide. All functions may be called from several threads at once (the only shared state is the
+ * worker pool, which serialises itself; the LUT kernel's table buffers belong to each calling thread)
+ * and never touch Python.
  */
 #ifndef BITNET_GRPC_TERNARY_KERNELS_H
 #define BITNET_GRPC_TERNARY_KERNELS_H

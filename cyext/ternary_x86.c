@@ -1,4 +1,4 @@
-/* x86-64 SIMD ternary matmuls: AVX2, AVX-512BW and AVX-512 VNNI.
+/* x86-64 SIMD ternary matmuls (AVX2, AVX-512BW and AVX-512 VNNI) and row quantisation (AVX2, AVX-512).
  *
  * Each function carries its own target attribute, so the extension is compiled for baseline x86-64 and
  * these paths are only entered after a run-time CPU check (tq_x86_cpu_has). All of them compute the
