@@ -168,10 +168,10 @@ class Model:
             return w
 
         self.layers = []
+        projection_shapes = cfg.projection_shapes()
         for i in range(cfg.n_layers):
-            t = {p: weights.ternary[f"blk.{i}.{p}.weight"] for p in _PROJECTION_SHAPES}
-            for p, (rows, cols) in _PROJECTION_SHAPES.items():
-                expected = (getattr(cfg, rows), getattr(cfg, cols))
+            t = {p: weights.ternary[f"blk.{i}.{p}.weight"] for p in projection_shapes}
+            for p, expected in projection_shapes.items():
                 if t[p].shape != expected:
                     raise ValueError(f"blk.{i}.{p}.weight has shape {t[p].shape}, expected {expected}")
             self.layers.append(
@@ -286,15 +286,3 @@ class Model:
         floatops.rmsnorm(final, self.output_norm, self.eps, final)
         self.output.matmul(final, out)
         return out
-
-
-# rows x columns of each projection, as ModelConfig attribute names
-_PROJECTION_SHAPES = {
-    "attn_q": ("q_dim", "d_model"),
-    "attn_k": ("kv_dim", "d_model"),
-    "attn_v": ("kv_dim", "d_model"),
-    "attn_output": ("d_model", "q_dim"),
-    "ffn_gate": ("d_ff", "d_model"),
-    "ffn_up": ("d_ff", "d_model"),
-    "ffn_down": ("d_model", "d_ff"),
-}
