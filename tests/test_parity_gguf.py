@@ -21,12 +21,8 @@ from _parity_helpers import (
     load_golden,
     numpy_forward,
 )
-
-try:
-    from bitnet_grpc.server.loader import load_weights
-    from bitnet_grpc.server.model import Model
-except ImportError as exc:  # pragma: no cover - only while the engine is not built yet
-    pytest.skip(f"engine not importable yet: {exc}", allow_module_level=True)
+from bitnet_grpc.server.loader import load_weights
+from bitnet_grpc.server.model import Model
 
 TWINS = {"TQ2_0": "twin_tq2_0.gguf", "TQ1_0": "twin_tq1_0.gguf"}
 LLAMA_MIN_AGREE = 0.85

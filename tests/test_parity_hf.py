@@ -20,12 +20,8 @@ from _parity_helpers import (
     load_golden,
     numpy_forward,
 )
-
-try:
-    from bitnet_grpc.server.loader import load_weights
-    from bitnet_grpc.server.model import Model
-except ImportError as exc:  # pragma: no cover - only while the engine is not built yet
-    pytest.skip(f"engine not importable yet: {exc}", allow_module_level=True)
+from bitnet_grpc.server.loader import load_weights
+from bitnet_grpc.server.model import Model
 
 MIN_AGREE = 0.96
 MAX_MEDIAN = 1e-3
