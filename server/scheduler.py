@@ -330,12 +330,22 @@ class Scheduler:
             self._finish(seq, failure, now)
 
     def _admit(self, now: float) -> None:
+        """Move waiting sequences into free slots. A sequence whose slot cannot be had fails here:
+        once off the queue it is in no list that a later failure path would reach."""
+        refused: list[Sequence] = []
         with self._lock:
             while self._waiting and len(self._active) < self.max_batch:
                 seq = self._waiting.popleft()
-                seq.slot = self._model.kv.alloc()
+                try:
+                    seq.slot = self._model.kv.alloc()
+                except Exception:
+                    log.exception("no KV cache slot for request %s", seq.request_id)
+                    refused.append(seq)
+                    continue
                 seq.admitted_at = now
                 self._active.append(seq)
+        for seq in refused:
+            self._finish(seq, Failed(Abort.INTERNAL, "no KV cache slot"), now)
 
     def _build_batch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[Sequence]] | None:
         """Decode rows first (one per running sequence), then prefill chunks in admission order."""

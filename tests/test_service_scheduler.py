@@ -152,3 +152,21 @@ def test_deadline_and_cancel_leave_at_the_next_step(engine) -> None:
         assert engine.model.kv.free_slots() == 4
     finally:
         scheduler.stop()
+
+
+def test_a_failed_slot_allocation_fails_the_sequence_it_was_for(engine, monkeypatch) -> None:
+    def broken_alloc() -> int:
+        raise RuntimeError("no slot for you")
+
+    monkeypatch.setattr(engine.model.kv, "alloc", broken_alloc)
+    scheduler = Scheduler(engine.model, max_batch=2, max_queue=2)
+    scheduler.start()
+    try:
+        seq = make_sequence(engine, "x", SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+        scheduler.submit([seq])
+        last = drain(seq, timeout=10)[-1].event
+        assert isinstance(last, Failed) and last.reason == Abort.INTERNAL
+        assert scheduler.idle()
+    finally:
+        scheduler.stop()
+    assert engine.model.kv.free_slots() == 4
