@@ -182,12 +182,20 @@ class Scheduler:
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop the engine thread; sequences still in flight end with UNAVAILABLE."""
+        """Stop the engine thread; sequences still in flight end with UNAVAILABLE (sent by the thread
+        itself when `timeout` runs out before its step does)."""
         with self._work:
             self._running = False
             self._work.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                # Still inside a step: cleaning up here would race it (a slot freed twice, tokens
+                # after the last event). The thread fails the leftovers itself when the step ends.
+                return
+        self._fail_leftovers()
+
+    def _fail_leftovers(self) -> None:
         with self._lock:
             leftovers = list(self._waiting) + self._active
             self._waiting.clear()
@@ -238,8 +246,10 @@ class Scheduler:
             with self._work:
                 while self._running and not self._waiting and not self._active:
                     self._work.wait()
-                if not self._running:
-                    return
+                running = self._running
+            if not running:
+                self._fail_leftovers()
+                return
             try:
                 self._step()
             except Exception:  # a bug must not kill the engine thread or leave clients hanging

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 import time
 
 import pytest
@@ -169,4 +170,34 @@ def test_a_failed_slot_allocation_fails_the_sequence_it_was_for(engine, monkeypa
         assert scheduler.idle()
     finally:
         scheduler.stop()
+    assert engine.model.kv.free_slots() == 4
+
+
+def test_stop_that_times_out_leaves_the_step_under_way_to_end_its_sequences(engine, monkeypatch) -> None:
+    entered, release = threading.Event(), threading.Event()
+    forward = engine.model.forward
+
+    def held_forward(*args, **kwargs):
+        if not release.is_set():
+            entered.set()
+            release.wait(30)
+        return forward(*args, **kwargs)
+
+    scheduler = Scheduler(engine.model, max_batch=1, max_queue=0)
+    scheduler.start()
+    seq = make_sequence(engine, "x", SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+    release.set()
+    scheduler.submit([seq])
+    seq.channel.get(timeout=30)  # decoding
+    release.clear()
+    monkeypatch.setattr(engine.model, "forward", held_forward)
+    assert entered.wait(30)  # the engine thread is inside a forward pass
+    scheduler.stop(timeout=0.01)  # gives up waiting for it
+    release.set()
+    scheduler._thread.join(30)
+    assert not scheduler._thread.is_alive()
+    updates = drain_available(seq)
+    terminal = [i for i, u in enumerate(updates) if isinstance(u.event, Failed) or u.event.finish_reason]
+    assert terminal == [len(updates) - 1]  # one last event, and nothing after it
+    assert updates[-1].event == Failed(Abort.UNAVAILABLE)
     assert engine.model.kv.free_slots() == 4
