@@ -148,23 +148,28 @@ class SequenceState:
         self.generated.append(token)
         finish = None
         if token in self.stop_ids:
-            text, finish = self._final_text(), "stop"
+            text, finish = "", "stop"
         else:
             text, hit = self.stops.push(self.decoder.push(token))
             if hit:
                 finish = "stop_sequence"
             elif len(self.generated) >= self.params.max_tokens:
-                text, finish = text + self._final_text(), "length"
+                finish = "length"
             elif self.next_position >= self.ctx_size:
-                text, finish = text + self._final_text(), "context_full"
+                finish = "context_full"
+        if finish is not None and finish != "stop_sequence":
+            tail, hit = self._final_text()
+            text += tail
+            if hit:  # the flushed text completed a stop string: that is what ended the sequence
+                finish = "stop_sequence"
         self.finish_reason = finish
         return GenerationEvent(token, text, sample.logprob, sample.top_logprobs, finish)
 
-    def _final_text(self) -> str:
+    def _final_text(self) -> tuple[str, bool]:
         """Everything still held back when the sequence ends: unfinished UTF-8 (as U+FFFD) and text
-        that was waiting to see whether it starts a stop string."""
+        that was waiting to see whether it starts a stop string; True when that completed one."""
         tail, hit = self.stops.push(self.decoder.flush())
-        return tail if hit else tail + self.stops.flush()
+        return (tail, True) if hit else (tail + self.stops.flush(), False)
 
 
 def choose_tokens(states: list[SequenceState], logits: np.ndarray) -> list[int | None]:

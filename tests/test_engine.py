@@ -121,6 +121,17 @@ def test_held_back_text_is_flushed_on_length():
     assert events[-1].finish_reason == "length"
 
 
+@pytest.mark.parametrize("last", [BYTE_TOKEN[bytes([0xE2])], EOT], ids=["length", "stop-token"])
+def test_stop_string_completed_by_the_final_flush_is_a_stop_sequence(last):
+    # "a" is held back (it begins the stop string); the lone lead byte only becomes U+FFFD when the
+    # sequence ends, and that completes the stop string.
+    lead = BYTE_TOKEN[bytes([0xE2])]
+    tokens = [BYTE_TOKEN[b"x"], BYTE_TOKEN[b"a"], lead] + ([last] if last == EOT else [])
+    _, events = run_tokens(tokens, stop=["a\ufffd"], max_tokens=3 if last == lead else 10)
+    assert events[-1].finish_reason == "stop_sequence"
+    assert "".join(e.text for e in events) == "x"
+
+
 def test_context_full_and_positions():
     seq, events = run_tokens(ids("abcdefgh"), ctx_size=5)
     # prompt at positions 0, 1; generated tokens are fed at 2, 3, 4; the fourth one is sampled from
