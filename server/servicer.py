@@ -191,8 +191,10 @@ class TextGenerationServicer:
         self._backend = backend
 
     def begin_drain(self) -> None:
-        """Refuse new calls with UNAVAILABLE; calls already admitted go on."""
-        self._draining = True
+        """Refuse new calls with UNAVAILABLE; calls already admitted go on. Set under the admission
+        lock: a call is either counted before the drain starts (and waited for) or refused."""
+        with self._lock:
+            self._draining = True
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no generation call is open; False if `timeout` passed first."""
@@ -407,6 +409,10 @@ class TextGenerationServicer:
     def _admission(self, backend: Backend, units: int) -> Iterator[None]:
         """Hold `units` of capacity for the life of the handler, or refuse at once."""
         with self._lock:
+            # Checked again here: a call that passed _ready() may have been tokenising when the
+            # drain began, and wait_idle() does not count it until it holds units.
+            if self._draining:
+                raise _Abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
             if self._held + units > self.capacity:
                 held = self._held
                 admitted = False

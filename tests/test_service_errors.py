@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import pytest
 from bitnet_grpc.proto import generation_pb2 as pb
@@ -175,3 +177,42 @@ def test_cancel_frees_the_slot(server) -> None:
     assert server.backend.engine.model.kv.free_slots() == server.backend.scheduler.max_batch
     out = list(server.stub.Generate(pb.GenerateRequest(prompt="x", max_tokens=2, temperature=0)))
     assert out[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+
+
+def test_a_call_being_checked_when_the_drain_starts_is_finished_or_refused_never_cut(
+    server, monkeypatch
+) -> None:
+    server.slow_down(0.02)  # 100 tokens take 2 s: longer than the 1 s grpcio gives streams at stop()
+    checking, release = threading.Event(), threading.Event()
+    encode = server.backend.encode_prompt
+
+    def held_encode(text: str) -> list[int]:
+        checking.set()
+        release.wait(30)
+        return encode(text)
+
+    monkeypatch.setattr(server.backend, "encode_prompt", held_encode)
+    responses, errors = [], []
+
+    def call() -> None:
+        request = pb.GenerateRequest(prompt="x", max_tokens=100, temperature=0, ignore_eos=True)
+        try:
+            responses.extend(server.stub.Generate(request, timeout=60))
+        except grpc.RpcError as error:
+            errors.append(error)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert checking.wait(30)  # past the drain check, still tokenising
+    shutdown = threading.Thread(target=server.service.shutdown, kwargs={"grace": 30.0})
+    shutdown.start()
+    assert server.wait_until(lambda: server.service.servicer._draining, 5)
+    release.set()
+    caller.join(60)
+    shutdown.join(60)
+    if errors:
+        assert errors[0].code() == grpc.StatusCode.UNAVAILABLE
+        assert not responses  # refused before any token, not cut in the middle
+    else:
+        assert responses[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert sum(len(r.token_ids) for r in responses) == 100
