@@ -410,6 +410,56 @@ def test_many_small_parallel_calls_from_two_python_threads(threads):
     assert failures == []
 
 
+# Back-to-back jobs of different task counts from two Python threads, in a child process whose pool
+# has its test hook on (BITNET_GRPC_POOL_TEST_DELAY, read once when the pool starts): a worker that
+# finds its job finished sleeps before reading the job fields, a caller sleeps between writing the job
+# fields and publishing the job. A worker left over from a finished job must never take a task of the
+# next one (before the fix it did, counted it in the next job's `done`, and the process crashed).
+POOL_RACE_SCRIPT = """
+import sys, threading
+import numpy as np
+from bitnet_grpc.cyext import reference as ref, ternary
+
+ternary.set_num_threads(2)
+rng = np.random.default_rng(21)
+problems = []
+# 5 and 8 tasks on 2 threads, each long enough (0.1-0.5 ms) that a sleeping worker still gets some
+for m, n, k in ((512, 20, 6656), (64, 1024, 2048)):
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    codes = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
+    w_scale = rng.uniform(0.5, 1.5, size=n).astype(np.float32)
+    problems.append((x, ternary.pack_ternary(codes), w_scale))
+wanted = [ref.bitlinear(*p).view(np.uint32) for p in problems]
+failures = []
+
+def caller(seed):
+    pick = np.random.default_rng(seed)
+    for _ in range(150):
+        i = int(pick.integers(len(problems)))
+        out = np.full(wanted[i].shape, np.nan, np.float32)
+        ternary.bitlinear(*problems[i], out=out)
+        if not np.array_equal(out.view(np.uint32), wanted[i]):
+            failures.append(i)
+
+threads = [threading.Thread(target=caller, args=(s,)) for s in range(2)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("wrong results:", len(failures))
+sys.exit(1 if failures else 0)
+"""
+
+
+def test_stale_pool_worker_never_runs_a_task_of_the_next_job():
+    env = dict(os.environ, BITNET_GRPC_POOL_TEST_DELAY="300")
+    done = subprocess.run(
+        [sys.executable, "-c", POOL_RACE_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stdout}{done.stderr[-2000:]}"
+    assert "wrong results: 0" in done.stdout
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_parallel_kernels_work_in_a_forked_child(threads):
     threads(2)
