@@ -8,7 +8,6 @@ or repaired on the way (activation, block scales, float weights ternarised) goes
 from __future__ import annotations
 
 import os
-from collections import Counter
 from typing import Any
 
 import gguf
@@ -284,7 +283,6 @@ class _GGUFModelReader:
             spec, tok_corrections = spec_from_gguf_metadata(self.meta)
         except ValueError as exc:
             raise ModelFileError(f"{self.path}: tokenizer metadata: {exc}") from None
-        formats = Counter(t.source_type for t in ternary.values())
         return ModelWeights(
             config=cfg,
             float_tensors=floats,
@@ -292,7 +290,6 @@ class _GGUFModelReader:
             tokenizer=spec,
             source=self.path,
             file_format="gguf",
-            weight_format=formats.most_common(1)[0][0] if formats else "none",
             corrections=[*self.corrections, *tok_corrections],
             metadata=shown_metadata(self.meta),
         )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -294,7 +293,6 @@ class _HFModelReader:
             if isinstance(exc, ModelFileError):
                 raise
             raise ModelFileError(f"{self.where}: tokenizer: {exc}") from None
-        formats = Counter(t.source_type for t in ternary.values())
         shown_config = {
             k: v for k, v in list(self.config.items())[:SHOWN_CONFIG_KEYS] if not isinstance(v, dict)
         }
@@ -309,7 +307,6 @@ class _HFModelReader:
             tokenizer=spec,
             source=self.where,
             file_format="hf",
-            weight_format=formats.most_common(1)[0][0] if formats else "none",
             corrections=[*self.corrections, *tok_corrections],
             metadata=shown_config,
         )

@@ -7,6 +7,7 @@ file format, so the engine has one naming scheme.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -113,9 +114,14 @@ class ModelWeights:
     tokenizer: TokenizerSpec
     source: str  # the path it came from
     file_format: str  # "gguf" or "hf"
-    weight_format: str  # the dominant ternary storage type, e.g. "I2_S"
     corrections: list[str] = field(default_factory=list)  # what the loader fixed, for `inspect` and logs
     metadata: dict[str, object] = field(default_factory=dict)  # raw file metadata worth showing
+
+    @property
+    def weight_format(self) -> str:
+        """The dominant ternary storage type, e.g. "I2_S" ("none" for a model without projections)."""
+        formats = Counter(t.source_type for t in self.ternary.values())
+        return formats.most_common(1)[0][0] if formats else "none"
 
     def param_count(self) -> int:
         floats = sum(int(t.size) for t in self.float_tensors.values())

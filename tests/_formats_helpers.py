@@ -130,7 +130,6 @@ def random_weights(seed: int = 0, tied: bool = True, **cfg_kwargs) -> ModelWeigh
         tokenizer=tokenizer_spec(),
         source="random",
         file_format="test",
-        weight_format="F32",
     )
 
 

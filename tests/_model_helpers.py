@@ -86,7 +86,6 @@ def random_weights(
         tokenizer=tokenizer_spec(),
         source="random",
         file_format="test",
-        weight_format="F32",
     )
 
 

@@ -86,9 +86,7 @@ def bench_weights(seed: int = 0):
         stop_ids=[tok["eos_id"], tok["eot_id"]],
         chat_template=tok["chat_template"],
     )
-    return ModelWeights(
-        config, floats, ternary, spec, source="random", file_format="gguf", weight_format="random"
-    )
+    return ModelWeights(config, floats, ternary, spec, source="random", file_format="gguf")
 
 
 def main(argv: list[str] | None = None) -> int:
