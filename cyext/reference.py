@@ -234,3 +234,74 @@ def pack_lut(packed: np.ndarray) -> np.ndarray:
     bounds = [words * c // chunks for c in range(chunks + 1)]
     parts = [word[:, q0:q1, :].reshape(-1) for q0, q1 in zip(bounds[:-1], bounds[1:], strict=True)]
     return np.concatenate(parts).astype(np.uint16) if parts else np.zeros(0, np.uint16)
+
+
+# ======================================================================================================
+# token drawing (bitnet_grpc.cyext.sampling) - owner: engine
+#
+# The same float32 and float64 operations as sampling_kernels.c, in the same order: the drawn index and
+# the weights are bit-identical to the kernel's.
+# ======================================================================================================
+
+SAMPLING_BLOCK = 128
+_EXP_MIN = np.float32(-87.0)
+_LOG2E = np.float32(1.44269504088896341)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_ROUNDER = np.float32(12582912.0)
+_EXP_COEFFS = [np.float32(1.0 / f) for f in (5040, 720, 120, 24, 6, 2, 1, 1)]
+
+
+def exp_neg(z: np.ndarray) -> np.ndarray:
+    """e^z for z <= 0 (float32): round z * log2(e) to n, reduce, degree 7 Taylor polynomial, times 2^n."""
+    z = np.asarray(z, np.float32)
+    live = z >= _EXP_MIN
+    z = np.where(live, z, np.float32(0))
+    n = (z * _LOG2E + _ROUNDER) - _ROUNDER
+    r = (z - n * _LN2_HI) - n * _LN2_LO
+    p = _EXP_COEFFS[0] * np.ones_like(r)
+    for c in _EXP_COEFFS[1:]:
+        p = p * r + c
+    scale = ((n.astype(np.int32) + 127) << 23).astype(np.uint32).view(np.float32)
+    return np.where(live, p * scale, np.float32(0))
+
+
+def _lane_sum(w: np.ndarray) -> float:
+    """Sum of a block in 8 float64 lanes (lane i % 8, increasing i), folded 4, 2, 1."""
+    lanes = np.zeros(8)
+    for i, value in enumerate(w.astype(np.float64)):
+        lanes[i % 8] += value
+    for s in (4, 2, 1):
+        lanes[:s] += lanes[s : 2 * s]
+    return float(lanes[0])
+
+
+def draw_row(x: np.ndarray, temperature: float, u: float) -> int:
+    """The index sampling.draw_rows draws from one logits row (see sampling_kernels.h)."""
+    x = np.asarray(x, np.float32)
+    m = np.max(x, initial=-np.inf, where=~np.isnan(x))  # NaN logits are ignored (weight 0)
+    if not np.isfinite(m):
+        hits = np.flatnonzero(x == m)
+        return int(hits[0]) if hits.size else 0
+    w = exp_neg((x - m) * np.float32(1.0 / temperature))
+    sums = [_lane_sum(w[s : s + SAMPLING_BLOCK]) for s in range(0, len(w), SAMPLING_BLOCK)]
+    total = 0.0
+    for s in sums:
+        total += s
+    target = u * total
+    block, before = 0, 0.0
+    while block < len(sums) - 1 and before + sums[block] <= target:
+        before += sums[block]
+        block += 1
+    start = block * SAMPLING_BLOCK
+    inside = w[start : start + SAMPLING_BLOCK]
+    index, inner = 0, 0.0
+    while index < len(inside) - 1:
+        inner += float(inside[index])
+        if not inner <= target - before:
+            break
+        index += 1
+    pick = start + index
+    while pick > 0 and w[pick] == 0:
+        pick -= 1
+    return pick

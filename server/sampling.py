@@ -13,10 +13,10 @@ its own logits (never on what else shares the batch). The pipeline, in this orde
    reaches top_p), min-p (drop tokens below min_p * the top probability), renormalise, draw.
 
 The scheduler chooses the tokens of a whole batch at once (`choose_batch`): greedy rows take one
-arg-max over the batch, plain temperature rows (no penalties, top-k, top-p or min-p) one divide, exp and
-draw over the batch. Every operation there is element-wise, an exact max, or a sequential cumulative
-sum, so a row's token never depends on the other rows; the one-row path runs the same code on a batch
-of one, so a sequence draws the same tokens alone or batched.
+arg-max over the batch, plain temperature rows (no penalties, top-k, top-p or min-p) one call of the
+compiled draw (`bitnet_grpc.cyext.sampling`: softmax weights in float32, sums in float64, a fixed order
+per row, no GIL). A row's token never depends on the other rows, and the one-row path runs the same
+kernel on a batch of one, so a sequence draws the same tokens alone or batched.
 
 Logprobs are the log-softmax of the raw model logits (before penalties and temperature): they describe
 the model, not the sampling settings, which matches what OpenAI-style APIs return.
@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from bitnet_grpc.cyext import sampling as _kernels
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
@@ -148,16 +149,16 @@ class Sampler:
         if params.repetition_penalty != 1.0:
             self._seen = dict.fromkeys(int(t) for t in (prompt_ids or []))
         self._counts: dict[int, int] = {}
+        # No penalties and no truncation: the token depends on the raw row and the temperature only,
+        # so `choose_batch` can choose it together with other sequences' tokens. (Fixed by the params.)
+        self.plain = self._is_plain()
 
     @property
     def _has_penalties(self) -> bool:
         p = self.params
         return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
-    @property
-    def plain(self) -> bool:
-        """No penalties and no truncation: the token depends on the raw row and the temperature only,
-        so `choose_batch` can choose it together with other sequences' tokens."""
+    def _is_plain(self) -> bool:
         p = self.params
         no_top_k = p.top_k == 0 or p.top_k >= self.vocab_size
         return not self._has_penalties and no_top_k and p.top_p >= 1.0 and p.min_p <= 0.0
@@ -254,6 +255,7 @@ def choose_batch(samplers: list[Sampler], logits: np.ndarray) -> list[int | None
     small numpy calls per sequence. Each sampler's random number is drawn here, in the same order as
     `Sampler.sample` would, so pass the result to `sample(row, token)`.
     """
+    logits = np.ascontiguousarray(logits, np.float32)
     chosen: list[int | None] = [None] * len(samplers)
     greedy = [i for i, s in enumerate(samplers) if s.plain and s.params.temperature == 0.0]
     drawn = [i for i, s in enumerate(samplers) if s.plain and s.params.temperature != 0.0]
@@ -261,21 +263,25 @@ def choose_batch(samplers: list[Sampler], logits: np.ndarray) -> list[int | None
         for i, token in zip(greedy, np.argmax(logits[greedy], axis=1).tolist(), strict=True):
             chosen[i] = token
     if drawn:
-        temperatures = np.array([samplers[i].params.temperature for i in drawn])
-        uniforms = np.array([samplers[i]._rng.random() for i in drawn])
-        for i, token in zip(drawn, draw_rows(logits[drawn], temperatures, uniforms).tolist(), strict=True):
+        temperatures = np.array([samplers[i].params.temperature for i in drawn], np.float64)
+        uniforms = np.array([samplers[i]._rng.random() for i in drawn], np.float64)
+        tokens = np.empty(len(drawn), np.int64)
+        _kernels.draw_rows(logits, np.array(drawn, np.int64), temperatures, uniforms, tokens)
+        for i, token in zip(drawn, tokens.tolist(), strict=True):
             chosen[i] = token
     return chosen
 
 
 def draw_rows(scores: np.ndarray, temperatures: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
-    """One token per row from softmax(scores[i] / temperatures[i]), using uniforms[i] in [0, 1)."""
-    if np.all(temperatures == 1.0):  # x / 1 == x exactly: skip the divide
-        z = scores.astype(np.float64)
-    else:
-        z = np.divide(scores, temperatures[:, None], dtype=np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    return pick_rows(np.exp(z, out=z), uniforms)
+    """One token per row from softmax(scores[i] / temperatures[i]), using uniforms[i] in [0, 1).
+
+    The compiled kernel (`bitnet_grpc.cyext.sampling`): fixed float32/float64 order, no GIL."""
+    scores = np.ascontiguousarray(scores, np.float32)
+    out = np.empty(scores.shape[0], np.int64)
+    rows = np.arange(scores.shape[0], dtype=np.int64)
+    temperatures = np.asarray(temperatures, np.float64)
+    _kernels.draw_rows(scores, rows, temperatures, np.asarray(uniforms, np.float64), out)
+    return out
 
 
 def pick_rows(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
