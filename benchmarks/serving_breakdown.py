@@ -35,7 +35,7 @@ def closed_loop(engine: Engine, scheduler: Scheduler, args: argparse.Namespace, 
             prompt = [rng.choice(choices) for _ in range(args.input_len)]
             params = SamplingParams(max_tokens=args.output_len, temperature=temperature, ignore_eos=True)
             state = engine.new_sequence(prompt, params)
-            seq = Sequence(state.prompt_ids, state, queue.Queue(), ended=threading.Event())
+            seq = Sequence(state.prompt_ids, state, queue.SimpleQueue(), ended=threading.Event())
             scheduler.submit([seq])
             seq.ended.wait()
             generated[i] += len(state.generated)

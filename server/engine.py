@@ -24,7 +24,7 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "data" / "default-model.gguf"
 PREFILL_CHUNK = 64  # prompt rows per forward call
 
 
-@dataclass
+@dataclass(slots=True)
 class GenerationEvent:
     """One generated token. `text` is the new complete text (never half a UTF-8 character, never part of
     a stop string); `finish_reason` is set on the last event only: "length" (max_tokens), "stop" (a stop

@@ -87,7 +87,7 @@ class EngineBackend:
         return self.tokenizer.token_text(token_id)
 
     def new_sequence(
-        self, checked: CheckedGenerate, channel: queue.Queue, tag: int, deadline: float | None
+        self, checked: CheckedGenerate, channel: queue.SimpleQueue, tag: int, deadline: float | None
     ) -> Sequence:
         state = self.engine.new_sequence(checked.prompt_ids, checked.params)
         return Sequence(

@@ -123,7 +123,7 @@ def _float(params: SamplingParams, name: str, low: float | None = None) -> float
     return value
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Sample:
     """One chosen token; logprob and top_logprobs ((id, logprob) best first) only when requested."""
 

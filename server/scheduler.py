@@ -6,7 +6,7 @@ arrivals within a token budget, calls `Model.forward` once, and hands each sampl
 sequence's own state (its sampler, its detokeniser, its stop strings). Prefill is chunked so that a long
 prompt never stalls running streams for more than one step.
 
-Nothing here knows gRPC. Results leave through per-sequence channels (`queue.Queue`, unbounded: at most
+Nothing here knows gRPC. Results leave through per-sequence channels (`queue.SimpleQueue`, unbounded: at most
 max_tokens events each), so a slow reader never blocks the engine thread or the other sequences.
 Batch invariance holds because the model's rows are independent and each sequence samples with its own
 seeded state from its own logits row, whatever else is in the batch.
@@ -83,7 +83,7 @@ class Failed:
     detail: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Update:
     """One item of a channel: `event` is the engine's token event or a `Failed`; `time` is monotonic."""
 
@@ -110,7 +110,7 @@ class Sequence:
 
     prompt_ids: list[int]
     decoder: SequenceDecoder
-    channel: queue.Queue
+    channel: queue.SimpleQueue
     tag: int = 0
     deadline: float | None = None  # time.monotonic() value
     request_id: str = ""

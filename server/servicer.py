@@ -69,7 +69,7 @@ class Backend(Protocol):
     def token_text(self, token_id: int) -> str: ...
     def model_info(self) -> pb.ModelInfo: ...
     def new_sequence(
-        self, checked: CheckedGenerate, channel: queue.Queue, tag: int, deadline: float | None
+        self, checked: CheckedGenerate, channel: queue.SimpleQueue, tag: int, deadline: float | None
     ) -> Sequence: ...
 
 
@@ -154,7 +154,7 @@ class _Delivery:
         return self.failure is not None or self.finish_reason is not None
 
 
-def _take_ready(channel: queue.Queue) -> list[Any]:
+def _take_ready(channel: queue.SimpleQueue) -> list[Any]:
     items = []
     while True:
         try:
@@ -287,7 +287,7 @@ class TextGenerationServicer:
             record.request_id = checked.request_id
             record.prompt_tokens = len(checked.prompt_ids)
             with self._admission(backend, 1):
-                channel: queue.Queue = queue.Queue()
+                channel: queue.SimpleQueue = queue.SimpleQueue()
                 seq = self._new_sequence(backend, checked, channel, 0, _deadline(context))
                 ended = seq.ended = threading.Event()
                 self._submit(backend, context, channel, [seq], ended)
@@ -341,7 +341,7 @@ class TextGenerationServicer:
                         yield pb.GenerateBatchResponse(index=index, error=error)
                 if not checked:
                     return
-                channel: queue.Queue = queue.Queue()
+                channel: queue.SimpleQueue = queue.SimpleQueue()
                 deadline = _deadline(context)
                 seqs = {i: self._new_sequence(backend, c, channel, i, deadline) for i, c in checked.items()}
                 ended = threading.Event()
@@ -396,7 +396,7 @@ class TextGenerationServicer:
         self,
         backend: Backend,
         checked: CheckedGenerate,
-        channel: queue.Queue,
+        channel: queue.SimpleQueue,
         tag: int,
         deadline: float | None,
     ) -> Sequence:
@@ -434,7 +434,7 @@ class TextGenerationServicer:
         self,
         backend: Backend,
         context: grpc.ServicerContext,
-        channel: queue.Queue,
+        channel: queue.SimpleQueue,
         seqs: list[Sequence],
         ended: threading.Event,
     ) -> None:
@@ -454,7 +454,7 @@ class TextGenerationServicer:
             call_ended()  # the RPC already ended
 
     def _updates(
-        self, channel: queue.Queue, count: int, context: grpc.ServicerContext, ended: threading.Event
+        self, channel: queue.SimpleQueue, count: int, context: grpc.ServicerContext, ended: threading.Event
     ) -> Iterator[_Delivery]:
         """Channel updates, each sequence's ready tokens merged, until `count` sequences have ended.
 

@@ -482,7 +482,8 @@ class IncrementalDecoder:
     def push(self, token_id: int) -> str:
         """Add one token; return the text that is now complete (may be empty)."""
         tok = self._tokenizer
-        tok._check_ids((token_id,))
+        if not 0 <= token_id < len(tok._pieces):
+            tok._check_ids((token_id,))  # raises, naming the id
         if self._skip_special and token_id in tok._special_ids:
             return ""
         piece = tok._pieces[token_id]
