@@ -207,22 +207,27 @@ class Model:
         ternary.bitlinear_into(x, lin.packed, lin.scale, s.xq, s.x_scale, s.x_sum, out)
 
     def _check_rows(self, slots, tokens, positions, logit_rows):
-        slots = np.ascontiguousarray(slots, np.int32)
-        tokens = np.ascontiguousarray(tokens, np.int32)
-        positions = np.ascontiguousarray(positions, np.int32)
+        def differ() -> ValueError:
+            shapes = f"slots {np.shape(slots)}, tokens {np.shape(tokens)}, positions {np.shape(positions)}"
+            return ValueError(f"{shapes} differ")
+
+        try:
+            rows_in = np.array([slots, tokens, positions], dtype=np.int32)  # one copy, one min, one max
+        except ValueError:
+            raise differ() from None
         logit_rows = np.ascontiguousarray(logit_rows, np.int32)
+        if rows_in.ndim != 2 or logit_rows.ndim != 1:
+            raise differ()
+        slots, tokens, positions = rows_in
         rows = tokens.shape[0]
-        if slots.shape != (rows,) or positions.shape != (rows,) or logit_rows.ndim != 1:
-            raise ValueError(
-                f"slots {slots.shape}, tokens {tokens.shape}, positions {positions.shape} differ"
-            )
         if rows:
-            if positions.min() < 0 or positions.max() >= self.ctx_size:
-                bad = positions.min() if positions.min() < 0 else positions.max()
+            low, high = rows_in.min(axis=1), rows_in.max(axis=1)
+            if low[2] < 0 or high[2] >= self.ctx_size:
+                bad = low[2] if low[2] < 0 else high[2]
                 raise ValueError(f"positions must be in 0..{self.ctx_size - 1} (ctx_size), got {bad}")
-            if slots.min() < 0 or slots.max() >= self.n_slots:
+            if low[0] < 0 or high[0] >= self.n_slots:
                 raise ValueError(f"slots must be in 0..{self.n_slots - 1}")
-            if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+            if low[1] < 0 or high[1] >= self.config.vocab_size:
                 raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}")
         if logit_rows.size and (logit_rows.min() < 0 or logit_rows.max() >= rows):
             raise ValueError(f"logit_rows must index the {rows} rows")
