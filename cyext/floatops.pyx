@@ -58,7 +58,7 @@ cdef extern from "floatops_kernels.h" nogil:
 
 
 LANES = FO_LANES
-_PATH_NAMES = ("portable", "avx2")
+_PATH_NAMES = ("portable", "avx2", "avx512")
 # tq_parallel of the ternary extension: the one worker pool of the process
 cdef tq_parallel_fn _parallel = <tq_parallel_fn>PyCapsule_GetPointer(_ternary._POOL_CAPSULE, TQ_POOL_CAPSULE)
 cdef int _num_threads = min(TQ_MAX_THREADS, max(1, cpu_count() or 1))

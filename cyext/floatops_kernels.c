@@ -175,6 +175,163 @@ __attribute__((target("avx2"))) static void axpy4_avx2(float *out, const float *
         out[d] = (((out[d] + p[0] * v[d]) + p[1] * v[stride + d]) + p[2] * v[2 * stride + d]) +
                  p[3] * v[3 * stride + d];
 }
+
+/* ---- AVX-512 (F, BW, VL, DQ): one zmm holds the 16 lanes of one dot product, so a register tile of
+ * activation rows x weight rows keeps every accumulator in a register and reuses each load several
+ * times. Still a separate mul and add per step (no FMA), so the bits are the portable C's. --------- */
+
+#define FO_UNROLL _Pragma("GCC unroll 16")
+#define FO_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c")))
+
+/* Sixteen weights from element i on, widened to float; the masked form reads only the lanes in m
+   (others are 0). */
+FO_AVX512 static inline __m512 load16(int wtype, const void *b, ptrdiff_t i) {
+    if (wtype == FO_W_F32) return _mm512_loadu_ps((const float *)b + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)b + i));
+    if (wtype == FO_W_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+FO_AVX512 static inline __m512 load16_mask(int wtype, const void *b, ptrdiff_t i, __mmask16 m) {
+    if (wtype == FO_W_F32) return _mm512_maskz_loadu_ps(m, (const float *)b + i);
+    __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)b + i);
+    if (wtype == FO_W_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* The tree fold of 16 accumulators at once, a[4 * v + r] for v, r < 4: each step adds lane j + w to
+   lane j of every accumulator (the additions of fold_lanes), while shuffles pack the halves of
+   different accumulators into one register. The result holds a[4 * v + r] folded in lane 4 * r + v. */
+FO_AVX512 static inline __m512 fold16_avx512(const __m512 *a) {
+    __m512 s[8], t[4], u[2];
+    FO_UNROLL
+    for (int k = 0; k < 8; k++) /* w = 8: low 256 bits + high 256 bits */
+        s[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x44),
+                             _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xEE));
+    FO_UNROLL
+    for (int k = 0; k < 4; k++) /* w = 4: 128-bit chunk 0 + chunk 1 of each 8-lane partial */
+        t[k] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * k], s[2 * k + 1], 0x88),
+                             _mm512_shuffle_f32x4(s[2 * k], s[2 * k + 1], 0xDD));
+    FO_UNROLL
+    for (int k = 0; k < 2; k++) /* w = 2: lanes 0, 1 + lanes 2, 3 within each chunk */
+        u[k] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * k], t[2 * k + 1], 0x44),
+                             _mm512_shuffle_ps(t[2 * k], t[2 * k + 1], 0xEE));
+    /* w = 1: lane 0 + lane 1 */
+    return _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x88), _mm512_shuffle_ps(u[0], u[1], 0xDD));
+}
+
+/* R activation rows (xs floats apart) x V weight rows (row_bytes apart), R, V <= 4: out[r * os + v] =
+   dot(x_r, w_v). Inlined with constant R, V, wtype so the loops unroll and the accumulators stay in
+   registers. */
+FO_AVX512 static inline __attribute__((always_inline)) void tile_avx512(const float *x, ptrdiff_t xs, const int R,
+                                                                       const char *w, ptrdiff_t row_bytes,
+                                                                       const int V, const int wtype, ptrdiff_t n,
+                                                                       float *out, ptrdiff_t os) {
+    __m512 acc[16];
+    FO_UNROLL
+    for (int k = 0; k < 16; k++) acc[k] = _mm512_setzero_ps();
+    ptrdiff_t i = 0;
+    for (; i + FO_LANES <= n; i += FO_LANES) {
+        __m512 xv[4], wv[4];
+        FO_UNROLL
+        for (int r = 0; r < R; r++) xv[r] = _mm512_loadu_ps(x + r * xs + i);
+        FO_UNROLL
+        for (int v = 0; v < V; v++) wv[v] = load16(wtype, w + v * row_bytes, i);
+        FO_UNROLL
+        for (int v = 0; v < V; v++)
+            FO_UNROLL
+            for (int r = 0; r < R; r++) acc[4 * v + r] = _mm512_add_ps(acc[4 * v + r], _mm512_mul_ps(xv[r], wv[v]));
+    }
+    if (i < n) { /* the tail: element i + j to lane j, the other lanes unchanged */
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        __m512 xv[4], wv[4];
+        FO_UNROLL
+        for (int r = 0; r < R; r++) xv[r] = _mm512_maskz_loadu_ps(m, x + r * xs + i);
+        FO_UNROLL
+        for (int v = 0; v < V; v++) wv[v] = load16_mask(wtype, w + v * row_bytes, i, m);
+        FO_UNROLL
+        for (int v = 0; v < V; v++)
+            FO_UNROLL
+            for (int r = 0; r < R; r++)
+                acc[4 * v + r] = _mm512_mask_add_ps(acc[4 * v + r], m, acc[4 * v + r], _mm512_mul_ps(xv[r], wv[v]));
+    }
+    __m512 res = fold16_avx512(acc);
+    float lane[FO_LANES];
+    _mm512_storeu_ps(lane, res);
+    FO_UNROLL
+    for (int r = 0; r < R; r++)
+        FO_UNROLL
+        for (int v = 0; v < V; v++) out[r * os + v] = lane[4 * r + v];
+}
+
+#define FO_TILE(NAME, R, V, WT)                                                                      \
+    FO_AVX512 static void NAME(const float *x, ptrdiff_t xs, const char *w, ptrdiff_t row_bytes,      \
+                               ptrdiff_t n, float *out, ptrdiff_t os) {                              \
+        tile_avx512(x, xs, R, w, row_bytes, V, WT, n, out, os);                                      \
+    }
+#define FO_TILES(WT, SUFFIX)                                                                          \
+    FO_TILE(tile1x4_##SUFFIX, 1, 4, WT)                                                              \
+    FO_TILE(tile2x4_##SUFFIX, 2, 4, WT)                                                              \
+    FO_TILE(tile3x4_##SUFFIX, 3, 4, WT)                                                              \
+    FO_TILE(tile4x4_##SUFFIX, 4, 4, WT)                                                              \
+    FO_TILE(tile1x1_##SUFFIX, 1, 1, WT)                                                              \
+    FO_TILE(tile2x1_##SUFFIX, 2, 1, WT)                                                              \
+    FO_TILE(tile3x1_##SUFFIX, 3, 1, WT)                                                              \
+    FO_TILE(tile4x1_##SUFFIX, 4, 1, WT)
+FO_TILES(FO_W_F32, f32)
+FO_TILES(FO_W_F16, f16)
+FO_TILES(FO_W_BF16, bf16)
+
+typedef void (*tile_fn)(const float *, ptrdiff_t, const char *, ptrdiff_t, ptrdiff_t, float *, ptrdiff_t);
+/* [wtype][V == 4][R - 1] */
+static const tile_fn g_tiles[3][2][4] = {
+    {{tile1x1_f32, tile2x1_f32, tile3x1_f32, tile4x1_f32}, {tile1x4_f32, tile2x4_f32, tile3x4_f32, tile4x4_f32}},
+    {{tile1x1_f16, tile2x1_f16, tile3x1_f16, tile4x1_f16}, {tile1x4_f16, tile2x4_f16, tile3x4_f16, tile4x4_f16}},
+    {{tile1x1_bf16, tile2x1_bf16, tile3x1_bf16, tile4x1_bf16},
+     {tile1x4_bf16, tile2x4_bf16, tile3x4_bf16, tile4x4_bf16}},
+};
+
+/* Widen `count` rows of n half / bfloat16 weights (row_bytes apart) into float rows n apart (exact). */
+FO_AVX512 static void widen_rows_avx512(const char *w, ptrdiff_t row_bytes, int wtype, int count, ptrdiff_t n,
+                                        float *dst) {
+    for (int v = 0; v < count; v++) {
+        ptrdiff_t i = 0;
+        for (; i + FO_LANES <= n; i += FO_LANES) _mm512_storeu_ps(dst + v * n + i, load16(wtype, w + v * row_bytes, i));
+        if (i < n) {
+            __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+            _mm512_mask_storeu_ps(dst + v * n + i, m, load16_mask(wtype, w + v * row_bytes, i, m));
+        }
+    }
+}
+
+/* Half / bfloat16 rows up to this long are widened once per group of four weight rows when more than
+   one tile of activation rows will read them (16 KB of stack per 1024). */
+#define FO_WIDEN_MAX 2048
+
+/* The head block on the AVX-512 path: groups of four weight rows outside (4 KB of f32 at d = 256, they
+   stay in L1 while every activation row passes over them, so each weight byte comes from memory
+   once), activation rows in tiles of four inside. */
+static void head_rows_avx512(const float *x, ptrdiff_t xs, ptrdiff_t rows, const char *w, ptrdiff_t n_w,
+                             int wtype, ptrdiff_t n, float *out, ptrdiff_t os) {
+    float widened[4 * FO_WIDEN_MAX];
+    ptrdiff_t row_bytes = n * (wtype == FO_W_F32 ? 4 : 2);
+    int widen = wtype != FO_W_F32 && rows > 4 && n <= FO_WIDEN_MAX;
+    for (ptrdiff_t v = 0; v < n_w;) {
+        int wide = n_w - v >= 4;
+        const tile_fn *tiles = g_tiles[widen ? FO_W_F32 : wtype][wide];
+        const char *wv = w + v * row_bytes;
+        ptrdiff_t wv_bytes = row_bytes;
+        if (widen) { /* the conversion then runs once per weight element, not once per tile of rows */
+            widen_rows_avx512(wv, row_bytes, wtype, wide ? 4 : 1, n, widened);
+            wv = (const char *)widened;
+            wv_bytes = n * 4;
+        }
+        for (ptrdiff_t r = 0; r < rows; r += 4) {
+            ptrdiff_t R = rows - r < 4 ? rows - r : 4;
+            tiles[R - 1](x + r * xs, xs, wv, wv_bytes, n, out + r * os + v, os);
+        }
+        v += wide ? 4 : 1;
+    }
+}
 #endif
 
 static void axpy_portable(float *out, float p, const float *v, ptrdiff_t n) {
@@ -186,7 +343,11 @@ static void axpy_portable(float *out, float p, const float *v, ptrdiff_t n) {
 int fo_best_path(void) {
 #if FO_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return 1;
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("f16c")) return 0;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        return 2;
+    return 1;
 #endif
     return 0;
 }
@@ -240,6 +401,12 @@ void fo_head_rows(const float *x, ptrdiff_t xs, ptrdiff_t rows, const void *w, p
                   ptrdiff_t n, float *out, ptrdiff_t os) {
     /* Row groups outside, weight rows inside: a group of four activation rows stays in L1 while the
        block of weight rows streams past it (from memory once, then from L2 for the next groups). */
+#if FO_X86
+    if (g_path >= 2) {
+        head_rows_avx512(x, xs, rows, (const char *)w, n_w, wtype, n, out, os);
+        return;
+    }
+#endif
     const char *w_bytes = (const char *)w;
     ptrdiff_t row_bytes = n * (wtype == FO_W_F32 ? 4 : 2);
     ptrdiff_t r = 0;

@@ -20,9 +20,9 @@
 /* Element types of a weight matrix; half and bfloat16 widen to float exactly before the multiply. */
 enum { FO_W_F32 = 0, FO_W_F16 = 1, FO_W_BF16 = 2 };
 
-/* 0 = portable C, 1 = AVX2 (+F16C). fo_select_path() clamps to what the CPU supports. (An AVX-512
- * variant measured no faster on the development machine: the head is bound by memory and L2
- * traffic, not arithmetic.) */
+/* 0 = portable C, 1 = AVX2 (+F16C), 2 = AVX-512 (F, BW, VL, DQ; the output head in register tiles of
+ * 4 activation rows x 4 weight rows, one zmm accumulator per dot product). fo_select_path() clamps
+ * to what the CPU supports. */
 int fo_best_path(void);
 int fo_select_path(int path);
 int fo_current_path(void);

@@ -351,3 +351,63 @@ def test_float_and_ternary_kernels_share_the_pool_from_two_python_threads():
         floatops.set_num_threads(threads[0])
         ternary.set_num_threads(threads[1])
     assert failures == []
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":")[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def test_avx512_path_offered_when_the_cpu_has_it():
+    wanted = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "f16c"}
+    flags = _cpu_flags()
+    if flags:
+        assert ("avx512" in floatops.kernel_paths()) == (wanted <= flags)
+
+
+@pytest.mark.parametrize("wtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("d", [1, 15, 17, 33, 256, 2048 + 5, 2560 + 3])
+def test_head_tiles_on_odd_shapes_equal_reference_on_every_path(wtype, d):
+    """Rows 1..17 (every remainder of the 4-row tiles, widened and direct half weights), weight-row
+    counts around multiples of 4, lengths with and without a tail of n % 16 elements."""
+    rng = np.random.default_rng(100 + d)
+    x = rand(rng, 17, d)
+    w32 = rand(rng, 4 * 3 + 3, d)
+    if wtype == "f32":
+        w, fn, wide = w32, floatops.matmul_rows, w32
+    elif wtype == "f16":
+        w16 = w32.astype(np.float16)
+        w, fn, wide = w16.view(np.uint16), floatops.matmul_rows_f16, w16.astype(np.float32)
+    else:
+        w = (w32.view(np.uint32) >> 16).astype(np.uint16)
+        fn, wide = floatops.matmul_rows_bf16, ref.bf16_to_float32(w)
+    expected = ref.matmul_rows(x, wide)
+    try:
+        for path in floatops.kernel_paths():
+            floatops.set_kernel_path(path)
+            for rows in (1, 2, 3, 4, 5, 8, 11, 16, 17):
+                for n_w in (1, 3, 4, 5, 15):
+                    out = np.full((rows, n_w), np.nan, np.float32)
+                    fn(x[:rows], w[:n_w], out)
+                    np.testing.assert_array_equal(out, expected[:rows, :n_w], err_msg=f"{path} {rows}x{n_w}")
+    finally:
+        floatops.set_kernel_path(floatops.kernel_paths()[-1])
+
+
+def test_head_strided_rows_and_output():
+    """x and out as views with row strides wider than their rows (as the engine passes them)."""
+    rng = np.random.default_rng(21)
+    x_buf, w = rand(rng, 9, 300), rand(rng, 70, 260)
+    out_buf = np.full((9, 90), np.nan, np.float32)
+    expected = ref.matmul_rows(np.ascontiguousarray(x_buf[:, :260]), w)
+    try:
+        for path in floatops.kernel_paths():
+            floatops.set_kernel_path(path)
+            floatops.matmul_rows(x_buf[:, :260], w, out_buf[:, :70])
+            np.testing.assert_array_equal(out_buf[:, :70], expected, err_msg=path)
+            assert np.isnan(out_buf[:, 70:]).all()
+    finally:
+        floatops.set_kernel_path(floatops.kernel_paths()[-1])
