@@ -55,6 +55,9 @@ cdef extern from "floatops_kernels.h" nogil:
     void fo_relu2_gate(const float *gate, const float *up, float *out, Py_ssize_t n)
     void fo_attend(const float *q, const float *k, const float *v, Py_ssize_t n_pos, Py_ssize_t pos_stride,
                    Py_ssize_t head_dim, float scale, float *scores, float *out)
+    void fo_attend_group(const float *q, Py_ssize_t q_stride, Py_ssize_t n_q, const float *k, const float *v,
+                         Py_ssize_t n_pos, Py_ssize_t pos_stride, Py_ssize_t head_dim, float scale, float *scratch,
+                         Py_ssize_t scratch_len, float *out, Py_ssize_t out_stride)
 
 
 LANES = FO_LANES
@@ -311,12 +314,16 @@ ctypedef struct _AttentionJob:
 
 
 cdef void _attention_task(void *ctx, int64_t item, int thread) noexcept nogil:
-    """Query head item % n_heads of row item // n_heads; scores in the running thread's scratch row."""
+    """The query heads of KV head item % n_kv of row item // n_kv (one GQA group: each K and V row is
+    loaded once for the group); scores in the running thread's scratch row."""
     cdef _AttentionJob *j = <_AttentionJob *>ctx
-    cdef Py_ssize_t r = item // j.n_heads, h = item % j.n_heads
-    cdef Py_ssize_t kv = j.slots[r] * j.slot_stride + (h // j.group) * j.head_stride
-    fo_attend(j.q + r * j.qs + h * j.head_dim, j.k + kv, j.v + kv, j.positions[r] + 1, j.head_dim, j.head_dim,
-              j.scale, j.scores + thread * j.scratch_stride, j.out + r * j.os + h * j.head_dim)
+    cdef Py_ssize_t n_kv = j.n_heads // j.group
+    cdef Py_ssize_t r = item // n_kv, h = item % n_kv
+    cdef Py_ssize_t kv = j.slots[r] * j.slot_stride + h * j.head_stride
+    cdef Py_ssize_t first = h * j.group * j.head_dim
+    fo_attend_group(j.q + r * j.qs + first, j.head_dim, j.group, j.k + kv, j.v + kv, j.positions[r] + 1,
+                    j.head_dim, j.head_dim, j.scale, j.scores + thread * j.scratch_stride, j.scratch_stride,
+                    j.out + r * j.os + first, j.head_dim)
 
 
 def attention(const float[:, :] q, const float[:, :, :, ::1] k_cache, const float[:, :, :, ::1] v_cache,
@@ -325,7 +332,8 @@ def attention(const float[:, :] q, const float[:, :, :, ::1] k_cache, const floa
     """Causal GQA attention of each query row over its slot's cache, positions 0..positions[r].
 
     q, out: [rows, n_heads * head_dim]; caches [n_slots, n_kv, ctx, head_dim]. Query head j reads KV
-    head j // (n_heads // n_kv) (one C call per row and head: fo_attend in floatops_kernels.c). Scores are
+    head j // (n_heads // n_kv) (one C call per row and KV head: fo_attend_group in floatops_kernels.c,
+    each query head computed as fo_attend does). Scores are
     q.k (fixed-order dot) * 1/sqrt(head_dim); softmax in float32 (max subtracted, sum in position
     order); the output accumulates p[t] * v[t] in position order and is divided by the sum at the end.
     scratch: [>= 1, ctx] float32, one row per thread for the scores (fewer rows = fewer threads).
@@ -349,13 +357,13 @@ def attention(const float[:, :] q, const float[:, :, :, ::1] k_cache, const floa
     job.n_heads, job.group, job.head_dim = n_heads, n_heads // n_kv, head_dim
     job.head_stride, job.slot_stride, job.scratch_stride = ctx * head_dim, n_kv * ctx * head_dim, scratch.shape[1]
     job.scale = <float>(1.0 / sqrt(<double>head_dim))
-    cdef Py_ssize_t work = rows * n_heads, r, positions_total = 0
+    cdef Py_ssize_t work = rows * n_kv, r, positions_total = 0
     for r in range(rows):
         positions_total += positions[r] + 1
     cdef int threads = min(_num_threads, <int>min(scratch.shape[0], TQ_MAX_THREADS))
     if work < 2 or positions_total * n_heads < _ATTENTION_PARALLEL_MIN:
         threads = 1
-    # one task per (row, head): items differ in length (positions), so the pool hands them out one by one
+    # one task per (row, KV head): items differ in length (positions), so the pool hands them out one by one
     with nogil:
         _parallel(work, _attention_task, &job, threads)
 

@@ -470,6 +470,126 @@ void fo_attend(const float *q, const float *k, const float *v, ptrdiff_t n_pos, 
     for (ptrdiff_t d = 0; d < head_dim; d++) out[d] = out[d] * inv;
 }
 
+#if FO_X86
+/* out_g = sum_t p_g[t] * v_t in position order for G heads (G <= 4, compile-time), over dims d0 ..
+   d0 + 63 (chunks masked to head_dim): each v row is loaded once for all G heads and the G x 4 output
+   vectors stay in registers across the whole position loop; then out_g *= inv_g. Element-wise the
+   same additions as axpy_portable, starting from 0. */
+FO_AVX512 static inline __attribute__((always_inline)) void attend_out_avx512(
+    const int G, const float *p, ptrdiff_t p_stride, const float *v, ptrdiff_t n_pos, ptrdiff_t pos_stride,
+    ptrdiff_t head_dim, ptrdiff_t d0, const float *inv, float *out, ptrdiff_t out_stride) {
+    __mmask16 m[4];
+    FO_UNROLL
+    for (int c = 0; c < 4; c++) {
+        ptrdiff_t left = head_dim - d0 - 16 * c;
+        m[c] = left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+    }
+    __m512 acc[4][4];
+    FO_UNROLL
+    for (int g = 0; g < G; g++)
+        FO_UNROLL
+        for (int c = 0; c < 4; c++) acc[g][c] = _mm512_setzero_ps();
+    const float *vd = v + d0;
+    for (ptrdiff_t t = 0; t < n_pos; t++) {
+        if (t + FO_PREFETCH_AHEAD < n_pos)
+            for (ptrdiff_t c = 0; c < 64 && d0 + c < head_dim; c += 16)
+                _mm_prefetch((const char *)(vd + (t + FO_PREFETCH_AHEAD) * pos_stride + c), _MM_HINT_T0);
+        __m512 vv[4];
+        FO_UNROLL
+        for (int c = 0; c < 4; c++) vv[c] = _mm512_maskz_loadu_ps(m[c], vd + t * pos_stride + 16 * c);
+        FO_UNROLL
+        for (int g = 0; g < G; g++) {
+            __m512 pv = _mm512_set1_ps(p[g * p_stride + t]);
+            FO_UNROLL
+            for (int c = 0; c < 4; c++) acc[g][c] = _mm512_add_ps(acc[g][c], _mm512_mul_ps(pv, vv[c]));
+        }
+    }
+    FO_UNROLL
+    for (int g = 0; g < G; g++) {
+        __m512 iv = _mm512_set1_ps(inv[g]);
+        FO_UNROLL
+        for (int c = 0; c < 4; c++)
+            _mm512_mask_storeu_ps(out + g * out_stride + d0 + 16 * c, m[c], _mm512_mul_ps(acc[g][c], iv));
+    }
+}
+
+#define FO_ATTEND_OUT(G)                                                                             \
+    FO_AVX512 static void attend_out##G##_avx512(const float *p, ptrdiff_t p_stride, const float *v,    \
+                                                 ptrdiff_t n_pos, ptrdiff_t pos_stride, ptrdiff_t head_dim, \
+                                                 ptrdiff_t d0, const float *inv, float *out,           \
+                                                 ptrdiff_t out_stride) {                               \
+        attend_out_avx512(G, p, p_stride, v, n_pos, pos_stride, head_dim, d0, inv, out, out_stride); \
+    }
+FO_ATTEND_OUT(1)
+FO_ATTEND_OUT(2)
+FO_ATTEND_OUT(3)
+FO_ATTEND_OUT(4)
+typedef void (*attend_out_fn)(const float *, ptrdiff_t, const float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t,
+                              const float *, float *, ptrdiff_t);
+static const attend_out_fn g_attend_out[4] = {attend_out1_avx512, attend_out2_avx512, attend_out3_avx512,
+                                              attend_out4_avx512};
+
+/* n_q <= 4 query heads over one KV head; scores: n_q rows of n_pos. */
+static void attend_group_avx512(const float *q, ptrdiff_t q_stride, int n_q, const float *k, const float *v,
+                                ptrdiff_t n_pos, ptrdiff_t pos_stride, ptrdiff_t head_dim, float scale,
+                                float *scores, float *out, ptrdiff_t out_stride) {
+    /* scores: the query heads as activation rows, four positions at a time as weight rows */
+    const tile_fn *tiles = g_tiles[FO_W_F32][1];
+    const tile_fn one = g_tiles[FO_W_F32][0][n_q - 1];
+    ptrdiff_t t = 0;
+    for (; t + 4 <= n_pos; t += 4) {
+        prefetch_rows(k, t + FO_PREFETCH_AHEAD, n_pos, pos_stride, head_dim);
+        tiles[n_q - 1](q, q_stride, (const char *)(k + t * pos_stride), pos_stride * 4, head_dim, scores + t, n_pos);
+    }
+    for (; t < n_pos; t++) one(q, q_stride, (const char *)(k + t * pos_stride), pos_stride * 4, head_dim, scores + t, n_pos);
+    /* softmax of each head exactly as fo_attend */
+    float inv[4];
+    for (int g = 0; g < n_q; g++) {
+        float *s = scores + g * n_pos, max_score = -INFINITY, total = 0.0f;
+        for (t = 0; t < n_pos; t++) {
+            s[t] = s[t] * scale;
+            if (s[t] > max_score) max_score = s[t];
+        }
+        for (t = 0; t < n_pos; t++) {
+            s[t] = expf(s[t] - max_score);
+            total = total + s[t];
+        }
+        inv[g] = 1.0f / total;
+    }
+    for (ptrdiff_t d0 = 0; d0 < head_dim; d0 += 64)
+        g_attend_out[n_q - 1](scores, n_pos, v, n_pos, pos_stride, head_dim, d0, inv, out, out_stride);
+}
+#endif
+
+/* Scores of a whole group fit here when the caller's scratch row is too short. */
+#define FO_GROUP_SCORES 4096
+
+void fo_attend_group(const float *q, ptrdiff_t q_stride, ptrdiff_t n_q, const float *k, const float *v,
+                     ptrdiff_t n_pos, ptrdiff_t pos_stride, ptrdiff_t head_dim, float scale, float *scratch,
+                     ptrdiff_t scratch_len, float *out, ptrdiff_t out_stride) {
+#if FO_X86
+    if (g_path >= 2) {
+        float local[FO_GROUP_SCORES];
+        float *scores = scratch;
+        ptrdiff_t room = scratch_len;
+        if (n_q * n_pos > scratch_len && n_pos <= FO_GROUP_SCORES / 4) {
+            scores = local;
+            room = FO_GROUP_SCORES;
+        }
+        ptrdiff_t per = room / n_pos; /* heads per pass (room >= n_pos) */
+        if (per > 4) per = 4;
+        for (ptrdiff_t g = 0; g < n_q; g += per) {
+            int count = (int)(n_q - g < per ? n_q - g : per);
+            attend_group_avx512(q + g * q_stride, q_stride, count, k, v, n_pos, pos_stride, head_dim, scale, scores,
+                                out + g * out_stride, out_stride);
+        }
+        return;
+    }
+#endif
+    for (ptrdiff_t g = 0; g < n_q; g++)
+        fo_attend(q + g * q_stride, k, v, n_pos, pos_stride, head_dim, scale, scratch, out + g * out_stride);
+}
+
 double fo_sum_squares(const float *x, ptrdiff_t n) {
     double lane[8] = {0};
     ptrdiff_t i = 0;

@@ -45,6 +45,14 @@ void fo_head_rows(const float *x, ptrdiff_t xs, ptrdiff_t rows, const void *w, p
 void fo_attend(const float *q, const float *k, const float *v, ptrdiff_t n_pos, ptrdiff_t pos_stride,
                ptrdiff_t head_dim, float scale, float *scores, float *out);
 
+/* fo_attend for n_q query heads (q_stride floats apart; outputs out_stride apart) that share one KV
+ * head: the same per-head computation and bits, with each K and V row loaded once for the group on
+ * the AVX-512 path. scratch holds scratch_len >= n_pos floats (whole groups use n_q * n_pos when
+ * they fit, else a stack buffer or smaller passes). */
+void fo_attend_group(const float *q, ptrdiff_t q_stride, ptrdiff_t n_q, const float *k, const float *v,
+                     ptrdiff_t n_pos, ptrdiff_t pos_stride, ptrdiff_t head_dim, float scale, float *scratch,
+                     ptrdiff_t scratch_len, float *out, ptrdiff_t out_stride);
+
 /* Sum of x[i]^2 in float64: 8 lanes (lane j takes i = j mod 8, tail to lanes 0, 1, ...), folded as a
  * tree (w = 4, 2, 1), so the order is fixed and the loop vectorises. */
 double fo_sum_squares(const float *x, ptrdiff_t n);

@@ -411,3 +411,41 @@ def test_head_strided_rows_and_output():
             assert np.isnan(out_buf[:, 70:]).all()
     finally:
         floatops.set_kernel_path(floatops.kernel_paths()[-1])
+
+
+@pytest.mark.parametrize(
+    ("n_kv", "group", "head_dim", "ctx"),
+    [(1, 1, 64, 40), (2, 2, 64, 70), (1, 3, 40, 70), (2, 4, 128, 70), (1, 6, 96, 70), (1, 5, 24, 1100)],
+)
+def test_attention_groups_agree_on_every_path(n_kv, group, head_dim, ctx):
+    """Grouped query heads (1..6 per KV head, more than one pass when over 4 or when the scores of
+    the group outgrow the scratch row), head_dim not a multiple of 64 or 16, every position count
+    from 1 to ctx: bit-identical on every path, and each row as if alone."""
+    rng = np.random.default_rng(1000 * group + head_dim)
+    k_cache, v_cache = make_cache(rng, n_slots=2, ctx=ctx, n_kv=n_kv, head_dim=head_dim)
+    n_heads = n_kv * group
+    positions = np.array(sorted({*range(0, min(ctx, 70)), ctx // 2, ctx - 2, ctx - 1}), np.int32)
+    rows = len(positions)
+    q = rand(rng, rows, n_heads * head_dim, scale=2.0)
+    slots = (np.arange(rows) % 2).astype(np.int32)
+    scratch = np.empty((2, ctx), np.float32)
+    results = {}
+    try:
+        for path in floatops.kernel_paths():
+            floatops.set_kernel_path(path)
+            out = np.full_like(q, np.nan)
+            floatops.attention(q, k_cache, v_cache, slots, positions, out, scratch)
+            results[path] = out
+    finally:
+        floatops.set_kernel_path(floatops.kernel_paths()[-1])
+    for path, out in results.items():
+        np.testing.assert_array_equal(out, results["portable"], err_msg=path)
+    np.testing.assert_allclose(
+        results["portable"], ref.attention(q, k_cache, v_cache, slots, positions), rtol=1e-5, atol=2e-6
+    )
+    for r in (0, rows // 2, rows - 1):
+        alone = np.empty((1, q.shape[1]), np.float32)
+        floatops.attention(
+            q[r : r + 1], k_cache, v_cache, slots[r : r + 1], positions[r : r + 1], alone, scratch
+        )
+        np.testing.assert_array_equal(alone[0], results["portable"][r])
