@@ -529,27 +529,109 @@ typedef void (*attend_out_fn)(const float *, ptrdiff_t, const float *, ptrdiff_t
 static const attend_out_fn g_attend_out[4] = {attend_out1_avx512, attend_out2_avx512, attend_out3_avx512,
                                               attend_out4_avx512};
 
+/* Scaled scores of NQ queries (NQ = 1, 2 or 4, q_stride apart) against P = 16 / NQ positions (k rows
+   pos_stride apart): the 16 dots as one register tile, so one fold serves them all; dot (q, k_p) of
+   query g sits in accumulator 4 * v + r with r = p % 4, v = (p / 4) * NQ + g, folded into lane
+   4 * r + v. s[g * s_stride + p] = dot * scale (the same multiply fo_attend does after the dot). */
+FO_AVX512 static inline __attribute__((always_inline)) void scores_tile_avx512(const int NQ, const float *q,
+                                                                              ptrdiff_t q_stride, const float *k,
+                                                                              ptrdiff_t pos_stride, ptrdiff_t n,
+                                                                              float scale, float *s,
+                                                                              ptrdiff_t s_stride) {
+    const int P = 16 / NQ;
+    __m512 acc[16];
+    FO_UNROLL
+    for (int a = 0; a < 16; a++) acc[a] = _mm512_setzero_ps();
+    ptrdiff_t i = 0;
+    for (; i + FO_LANES <= n; i += FO_LANES) {
+        __m512 qv[4];
+        FO_UNROLL
+        for (int g = 0; g < NQ; g++) qv[g] = _mm512_loadu_ps(q + g * q_stride + i);
+        FO_UNROLL
+        for (int p = 0; p < P; p++) {
+            __m512 kv = _mm512_loadu_ps(k + p * pos_stride + i);
+            FO_UNROLL
+            for (int g = 0; g < NQ; g++) {
+                int a = 4 * ((p / 4) * NQ + g) + p % 4;
+                acc[a] = _mm512_add_ps(acc[a], _mm512_mul_ps(qv[g], kv));
+            }
+        }
+    }
+    if (i < n) {
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        __m512 qv[4];
+        FO_UNROLL
+        for (int g = 0; g < NQ; g++) qv[g] = _mm512_maskz_loadu_ps(m, q + g * q_stride + i);
+        FO_UNROLL
+        for (int p = 0; p < P; p++) {
+            __m512 kv = _mm512_maskz_loadu_ps(m, k + p * pos_stride + i);
+            FO_UNROLL
+            for (int g = 0; g < NQ; g++) {
+                int a = 4 * ((p / 4) * NQ + g) + p % 4;
+                acc[a] = _mm512_mask_add_ps(acc[a], m, acc[a], _mm512_mul_ps(qv[g], kv));
+            }
+        }
+    }
+    float lane[FO_LANES];
+    _mm512_storeu_ps(lane, _mm512_mul_ps(fold16_avx512(acc), _mm512_set1_ps(scale)));
+    FO_UNROLL
+    for (int p = 0; p < P; p++)
+        FO_UNROLL
+        for (int g = 0; g < NQ; g++) s[g * s_stride + p] = lane[4 * (p % 4) + (p / 4) * NQ + g];
+}
+
+#define FO_SCORES(NQ)                                                                                \
+    FO_AVX512 static void scores##NQ##_avx512(const float *q, ptrdiff_t q_stride, const float *k,       \
+                                              ptrdiff_t pos_stride, ptrdiff_t n, float scale, float *s,  \
+                                              ptrdiff_t s_stride) {                                    \
+        scores_tile_avx512(NQ, q, q_stride, k, pos_stride, n, scale, s, s_stride);                    \
+    }
+FO_SCORES(1)
+FO_SCORES(2)
+FO_SCORES(4)
+typedef void (*scores_fn)(const float *, ptrdiff_t, const float *, ptrdiff_t, ptrdiff_t, float, float *, ptrdiff_t);
+static const scores_fn g_scores[5] = {NULL, scores1_avx512, scores2_avx512, NULL, scores4_avx512};
+
+/* The largest of n scores: max_ps(s, m) keeps m when s is NaN, so NaNs are skipped as by fo_attend's
+   `if (s > max)`; the value is the same whatever the order (up to the sign of a zero maximum, and
+   s - (+0) and s - (-0) give the same expf). */
+FO_AVX512 static float max_scores_avx512(const float *s, ptrdiff_t n) {
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    ptrdiff_t t = 0;
+    for (; t + 16 <= n; t += 16) m = _mm512_max_ps(_mm512_loadu_ps(s + t), m);
+    if (t < n) m = _mm512_max_ps(_mm512_mask_loadu_ps(m, (__mmask16)((1u << (n - t)) - 1), s + t), m);
+    return _mm512_reduce_max_ps(m);
+}
+
 /* n_q <= 4 query heads over one KV head; scores: n_q rows of n_pos. */
 static void attend_group_avx512(const float *q, ptrdiff_t q_stride, int n_q, const float *k, const float *v,
                                 ptrdiff_t n_pos, ptrdiff_t pos_stride, ptrdiff_t head_dim, float scale,
                                 float *scores, float *out, ptrdiff_t out_stride) {
-    /* scores: the query heads as activation rows, four positions at a time as weight rows */
-    const tile_fn *tiles = g_tiles[FO_W_F32][1];
-    const tile_fn one = g_tiles[FO_W_F32][0][n_q - 1];
+    /* scaled scores: 16 dots per register tile where n_q divides 16, the head tiles (the query heads as
+       activation rows, positions as weight rows) for the rest */
     ptrdiff_t t = 0;
+    if (g_scores[n_q]) {
+        const ptrdiff_t P = 16 / n_q;
+        for (; t + P <= n_pos; t += P) {
+            for (ptrdiff_t pp = 0; pp < P; pp += 4) prefetch_rows(k, t + 2 * P + pp, n_pos, pos_stride, head_dim);
+            g_scores[n_q](q, q_stride, k + t * pos_stride, pos_stride, head_dim, scale, scores + t, n_pos);
+        }
+    }
+    ptrdiff_t scaled = t;
     for (; t + 4 <= n_pos; t += 4) {
         prefetch_rows(k, t + FO_PREFETCH_AHEAD, n_pos, pos_stride, head_dim);
-        tiles[n_q - 1](q, q_stride, (const char *)(k + t * pos_stride), pos_stride * 4, head_dim, scores + t, n_pos);
+        g_tiles[FO_W_F32][1][n_q - 1](q, q_stride, (const char *)(k + t * pos_stride), pos_stride * 4, head_dim,
+                                      scores + t, n_pos);
     }
-    for (; t < n_pos; t++) one(q, q_stride, (const char *)(k + t * pos_stride), pos_stride * 4, head_dim, scores + t, n_pos);
+    for (; t < n_pos; t++)
+        g_tiles[FO_W_F32][0][n_q - 1](q, q_stride, (const char *)(k + t * pos_stride), pos_stride * 4, head_dim,
+                                      scores + t, n_pos);
     /* softmax of each head exactly as fo_attend */
     float inv[4];
     for (int g = 0; g < n_q; g++) {
-        float *s = scores + g * n_pos, max_score = -INFINITY, total = 0.0f;
-        for (t = 0; t < n_pos; t++) {
-            s[t] = s[t] * scale;
-            if (s[t] > max_score) max_score = s[t];
-        }
+        float *s = scores + g * n_pos, max_score, total = 0.0f;
+        for (t = scaled; t < n_pos; t++) s[t] = s[t] * scale;
+        max_score = max_scores_avx512(s, n_pos);
         for (t = 0; t < n_pos; t++) {
             s[t] = expf(s[t] - max_score);
             total = total + s[t];
