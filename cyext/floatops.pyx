@@ -52,6 +52,7 @@ cdef extern from "floatops_kernels.h" nogil:
     void fo_head_rows(const float *x, Py_ssize_t xs, Py_ssize_t rows, const void *w, Py_ssize_t n_w,
                       int wtype, Py_ssize_t n, float *out, Py_ssize_t os)
     double fo_sum_squares(const float *x, Py_ssize_t n)
+    void fo_rmsnorm_row(const float *x, const float *w, float *out, Py_ssize_t d, double eps)
     void fo_relu2_gate(const float *gate, const float *up, float *out, Py_ssize_t n)
     void fo_attend(const float *q, const float *k, const float *v, Py_ssize_t n_pos, Py_ssize_t pos_stride,
                    Py_ssize_t head_dim, float scale, float *scores, float *out)
@@ -130,14 +131,6 @@ cdef inline void _check_rows(const float[:, :] x, Py_ssize_t rows, Py_ssize_t wi
 # RMSNorm
 
 
-cdef void _rmsnorm_row(const float *x, const float *w, float *out, Py_ssize_t d, double eps) noexcept nogil:
-    cdef double ss = fo_sum_squares(x, d)
-    cdef Py_ssize_t i
-    cdef float inv = <float>(1.0 / sqrt(ss / <double>d + eps))
-    for i in range(d):
-        out[i] = (x[i] * inv) * w[i]
-
-
 ctypedef struct _RmsnormJob:
     const float *x
     const float *w
@@ -151,7 +144,7 @@ cdef void _rmsnorm_task(void *ctx, int64_t i, int thread) noexcept nogil:
     cdef _RmsnormJob *j = <_RmsnormJob *>ctx
     cdef Py_ssize_t r
     for r in range(j.rows * i // j.tasks, j.rows * (i + 1) // j.tasks):
-        _rmsnorm_row(j.x + r * j.xs, j.w, j.out + r * j.os, j.d, j.eps)
+        fo_rmsnorm_row(j.x + r * j.xs, j.w, j.out + r * j.os, j.d, j.eps)
 
 
 def rmsnorm(const float[:, :] x, const float[::1] weight, double eps, float[:, :] out) -> None:

@@ -672,7 +672,55 @@ void fo_attend_group(const float *q, ptrdiff_t q_stride, ptrdiff_t n_q, const fl
         fo_attend(q + g * q_stride, k, v, n_pos, pos_stride, head_dim, scale, scratch, out + g * out_stride);
 }
 
+#if FO_X86
+/* fo_sum_squares with its 8 lanes in one zmm of doubles; the tail's masked add leaves other lanes be. */
+FO_AVX512 static double sum_squares_avx512(const float *x, ptrdiff_t n) {
+    __m512d acc = _mm512_setzero_pd();
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m512d d = _mm512_cvtps_pd(_mm256_loadu_ps(x + i));
+        acc = _mm512_add_pd(acc, _mm512_mul_pd(d, d));
+    }
+    if (i < n) {
+        __mmask8 m = (__mmask8)((1u << (n - i)) - 1);
+        __m512d d = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, x + i));
+        acc = _mm512_mask_add_pd(acc, m, acc, _mm512_mul_pd(d, d));
+    }
+    __m256d s4 = _mm256_add_pd(_mm512_castpd512_pd256(acc), _mm512_extractf64x4_pd(acc, 1)); /* w = 4 */
+    __m128d s2 = _mm_add_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd(s4, 1));       /* w = 2 */
+    return _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)));                            /* w = 1 */
+}
+
+/* out = (x * inv) * w, element-wise. */
+FO_AVX512 static void scale_mul_avx512(const float *x, float inv, const float *w, float *out, ptrdiff_t n) {
+    __m512 iv = _mm512_set1_ps(inv);
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), iv), _mm512_loadu_ps(w + i)));
+    if (i < n) {
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(out + i, m,
+                              _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), iv),
+                                            _mm512_maskz_loadu_ps(m, w + i)));
+    }
+}
+#endif
+
+void fo_rmsnorm_row(const float *x, const float *w, float *out, ptrdiff_t d, double eps) {
+    float inv = (float)(1.0 / sqrt(fo_sum_squares(x, d) / (double)d + eps));
+#if FO_X86
+    if (g_path >= 2) {
+        scale_mul_avx512(x, inv, w, out, d);
+        return;
+    }
+#endif
+    for (ptrdiff_t i = 0; i < d; i++) out[i] = (x[i] * inv) * w[i];
+}
+
 double fo_sum_squares(const float *x, ptrdiff_t n) {
+#if FO_X86
+    if (g_path >= 2) return sum_squares_avx512(x, n);
+#endif
     double lane[8] = {0};
     ptrdiff_t i = 0;
     for (; i + 8 <= n; i += 8)

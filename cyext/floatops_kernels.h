@@ -57,6 +57,10 @@ void fo_attend_group(const float *q, ptrdiff_t q_stride, ptrdiff_t n_q, const fl
  * tree (w = 4, 2, 1), so the order is fixed and the loop vectorises. */
 double fo_sum_squares(const float *x, ptrdiff_t n);
 
+/* One RMSNorm row: inv = (float)(1 / sqrt(fo_sum_squares(x, d) / d + eps)); out[i] = (x[i] * inv) * w[i].
+ * out may be x. */
+void fo_rmsnorm_row(const float *x, const float *w, float *out, ptrdiff_t d, double eps);
+
 /* out = relu(gate)^2 * up, as (v * v) * up with v = gate > 0 ? gate : 0. */
 void fo_relu2_gate(const float *restrict gate, const float *restrict up, float *restrict out, ptrdiff_t n);
 

@@ -449,3 +449,21 @@ def test_attention_groups_agree_on_every_path(n_kv, group, head_dim, ctx):
             q[r : r + 1], k_cache, v_cache, slots[r : r + 1], positions[r : r + 1], alone, scratch
         )
         np.testing.assert_array_equal(alone[0], results["portable"][r])
+
+
+@pytest.mark.parametrize("d", [1, 7, 8, 9, 17, 256, 640, 2560 + 3])
+def test_rmsnorm_identical_on_every_path(d):
+    rng = np.random.default_rng(50 + d)
+    x, w = rand(rng, 5, d, scale=3.0), 1 + rand(rng, d, scale=0.1)
+    expected = ref.rmsnorm(x, w, 1e-5)
+    try:
+        for path in floatops.kernel_paths():
+            floatops.set_kernel_path(path)
+            out = np.full_like(x, np.nan)
+            floatops.rmsnorm(x, w, 1e-5, out)
+            np.testing.assert_array_equal(out, expected, err_msg=path)
+            inplace = x.copy()
+            floatops.rmsnorm(inplace, w, 1e-5, inplace)
+            np.testing.assert_array_equal(inplace, expected, err_msg=path)
+    finally:
+        floatops.set_kernel_path(floatops.kernel_paths()[-1])
