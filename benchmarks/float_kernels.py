@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--position", type=int, default=64)
+    parser.add_argument("--only", default="", help="run only kernels whose name contains this")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per path (best is kept)")
     args = parser.parse_args()
     floatops.set_num_threads(args.threads)
@@ -72,7 +73,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for rows in args.rows:
         best: dict = {}
-        kernels = cases(rows, rng, args.position)
+        kernels = {k: f for k, f in cases(rows, rng, args.position).items() if args.only in k}
         for _ in range(args.rounds):
             for path in paths:
                 floatops.set_kernel_path(path)
