@@ -1,3 +1,6 @@
+# distutils: libraries = m
+# (libm by name: the link then binds expf to its current version, not the errno-setting compat wrapper
+# an unversioned reference falls back to; both return the same values.)
 """Float kernels of the BitNet forward pass: RMSNorm, rotary embedding, gated activations, attention over
 the KV cache, and the output-head matmul.
 

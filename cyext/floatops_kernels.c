@@ -452,10 +452,8 @@ void fo_attend(const float *q, const float *k, const float *v, ptrdiff_t n_pos, 
         scores[t] = scores[t] * scale;
         if (scores[t] > max_score) max_score = scores[t];
     }
-    for (t = 0; t < n_pos; t++) {
-        scores[t] = expf(scores[t] - max_score);
-        total = total + scores[t];
-    }
+    for (t = 0; t < n_pos; t++) scores[t] = expf(scores[t] - max_score);
+    for (t = 0; t < n_pos; t++) total = total + scores[t]; /* after the calls: nothing live across them */
     for (ptrdiff_t d = 0; d < head_dim; d++) out[d] = 0.0f;
     t = 0;
 #if FO_X86
@@ -632,10 +630,10 @@ static void attend_group_avx512(const float *q, ptrdiff_t q_stride, int n_q, con
         float *s = scores + g * n_pos, max_score, total = 0.0f;
         for (t = scaled; t < n_pos; t++) s[t] = s[t] * scale;
         max_score = max_scores_avx512(s, n_pos);
-        for (t = 0; t < n_pos; t++) {
-            s[t] = expf(s[t] - max_score);
-            total = total + s[t];
-        }
+        /* the calls first, then the sum in position order: the same additions, and no sum to keep
+           across calls */
+        for (t = 0; t < n_pos; t++) s[t] = expf(s[t] - max_score);
+        for (t = 0; t < n_pos; t++) total = total + s[t];
         inv[g] = 1.0f / total;
     }
     for (ptrdiff_t d0 = 0; d0 < head_dim; d0 += 64)
