@@ -6,8 +6,8 @@
  *   (each product rounded to float, then added: built with -ffp-contract=off, so no FMA);
  *   the n % FO_LANES tail elements go to lanes 0, 1, ... in order;
  *   the lanes are then folded as a tree: for w = 8, 4, 2, 1: lane[j] += lane[j + w].
- * Every code path (portable C, AVX2) computes exactly this, so results are bit-identical across paths,
- * thread counts and batch shapes. cyext/reference.py emulates it in numpy.
+ * Every code path (portable C, AVX2, AVX-512) computes exactly this, so results are bit-identical across
+ * paths, thread counts and batch shapes. cyext/reference.py emulates it in numpy.
  */
 #ifndef FLOATOPS_KERNELS_H
 #define FLOATOPS_KERNELS_H
