@@ -575,12 +575,17 @@ FO_AVX512 static inline __attribute__((always_inline)) void scores_tile_avx512(c
             }
         }
     }
-    float lane[FO_LANES];
-    _mm512_storeu_ps(lane, _mm512_mul_ps(fold16_avx512(acc), _mm512_set1_ps(scale)));
+    /* gather query g's P scores into lanes g * P .. g * P + P - 1, in position order */
+    int order[FO_LANES];
     FO_UNROLL
-    for (int p = 0; p < P; p++)
+    for (int g = 0; g < NQ; g++)
         FO_UNROLL
-        for (int g = 0; g < NQ; g++) s[g * s_stride + p] = lane[4 * (p % 4) + (p / 4) * NQ + g];
+        for (int p = 0; p < P; p++) order[g * P + p] = 4 * (p % 4) + (p / 4) * NQ + g;
+    __m512 res = _mm512_permutexvar_ps(_mm512_loadu_si512(order), fold16_avx512(acc));
+    res = _mm512_mul_ps(res, _mm512_set1_ps(scale));
+    FO_UNROLL
+    for (int g = 0; g < NQ; g++) /* lanes outside the mask are not written (nor read) */
+        _mm512_mask_storeu_ps(s + g * s_stride - g * P, (__mmask16)(((1u << P) - 1) << (g * P)), res);
 }
 
 #define FO_SCORES(NQ)                                                                                \
