@@ -637,14 +637,28 @@ static void attend_group_avx512(const float *q, ptrdiff_t q_stride, int n_q, con
     /* softmax of each head exactly as fo_attend */
     float inv[4];
     for (int g = 0; g < n_q; g++) {
-        float *s = scores + g * n_pos, max_score, total = 0.0f;
+        float *s = scores + g * n_pos, max_score;
         for (t = scaled; t < n_pos; t++) s[t] = s[t] * scale;
         max_score = max_scores_avx512(s, n_pos);
         /* the calls first, then the sum in position order: the same additions, and no sum to keep
            across calls */
         for (t = 0; t < n_pos; t++) s[t] = expf(s[t] - max_score);
-        for (t = 0; t < n_pos; t++) total = total + s[t];
-        inv[g] = 1.0f / total;
+    }
+    /* each head's sum in position order; two heads' chains side by side (the adds wait on each other
+       within a head, not across heads) */
+    for (int g = 0; g < n_q; g += 2) {
+        const float *s0 = scores + g * n_pos, *s1 = s0 + n_pos;
+        float total0 = 0.0f, total1 = 0.0f;
+        if (g + 1 < n_q) {
+            for (t = 0; t < n_pos; t++) {
+                total0 = total0 + s0[t];
+                total1 = total1 + s1[t];
+            }
+            inv[g + 1] = 1.0f / total1;
+        } else {
+            for (t = 0; t < n_pos; t++) total0 = total0 + s0[t];
+        }
+        inv[g] = 1.0f / total0;
     }
     for (ptrdiff_t d0 = 0; d0 < head_dim; d0 += 64)
         g_attend_out[n_q - 1](scores, n_pos, v, n_pos, pos_stride, head_dim, d0, inv, out, out_stride);
