@@ -1,3 +1,6 @@
+# distutils: libraries = m
+# (libm by name: the link then binds expf to its current version, not the errno-setting compat wrapper
+# an unversioned reference falls back to; both return the same values.)
 """Float kernels of the BitNet forward pass: RMSNorm, rotary embedding, gated activations, attention over
 the KV cache, and the output-head matmul.
 
@@ -52,13 +55,17 @@ cdef extern from "floatops_kernels.h" nogil:
     void fo_head_rows(const float *x, Py_ssize_t xs, Py_ssize_t rows, const void *w, Py_ssize_t n_w,
                       int wtype, Py_ssize_t n, float *out, Py_ssize_t os)
     double fo_sum_squares(const float *x, Py_ssize_t n)
+    void fo_rmsnorm_row(const float *x, const float *w, float *out, Py_ssize_t d, double eps)
     void fo_relu2_gate(const float *gate, const float *up, float *out, Py_ssize_t n)
     void fo_attend(const float *q, const float *k, const float *v, Py_ssize_t n_pos, Py_ssize_t pos_stride,
                    Py_ssize_t head_dim, float scale, float *scores, float *out)
+    void fo_attend_group(const float *q, Py_ssize_t q_stride, Py_ssize_t n_q, const float *k, const float *v,
+                         Py_ssize_t n_pos, Py_ssize_t pos_stride, Py_ssize_t head_dim, float scale, float *scratch,
+                         Py_ssize_t scratch_len, float *out, Py_ssize_t out_stride)
 
 
 LANES = FO_LANES
-_PATH_NAMES = ("portable", "avx2")
+_PATH_NAMES = ("portable", "avx2", "avx512")
 # tq_parallel of the ternary extension: the one worker pool of the process
 cdef tq_parallel_fn _parallel = <tq_parallel_fn>PyCapsule_GetPointer(_ternary._POOL_CAPSULE, TQ_POOL_CAPSULE)
 cdef int _num_threads = min(TQ_MAX_THREADS, max(1, cpu_count() or 1))
@@ -127,14 +134,6 @@ cdef inline void _check_rows(const float[:, :] x, Py_ssize_t rows, Py_ssize_t wi
 # RMSNorm
 
 
-cdef void _rmsnorm_row(const float *x, const float *w, float *out, Py_ssize_t d, double eps) noexcept nogil:
-    cdef double ss = fo_sum_squares(x, d)
-    cdef Py_ssize_t i
-    cdef float inv = <float>(1.0 / sqrt(ss / <double>d + eps))
-    for i in range(d):
-        out[i] = (x[i] * inv) * w[i]
-
-
 ctypedef struct _RmsnormJob:
     const float *x
     const float *w
@@ -148,7 +147,7 @@ cdef void _rmsnorm_task(void *ctx, int64_t i, int thread) noexcept nogil:
     cdef _RmsnormJob *j = <_RmsnormJob *>ctx
     cdef Py_ssize_t r
     for r in range(j.rows * i // j.tasks, j.rows * (i + 1) // j.tasks):
-        _rmsnorm_row(j.x + r * j.xs, j.w, j.out + r * j.os, j.d, j.eps)
+        fo_rmsnorm_row(j.x + r * j.xs, j.w, j.out + r * j.os, j.d, j.eps)
 
 
 def rmsnorm(const float[:, :] x, const float[::1] weight, double eps, float[:, :] out) -> None:
@@ -311,12 +310,16 @@ ctypedef struct _AttentionJob:
 
 
 cdef void _attention_task(void *ctx, int64_t item, int thread) noexcept nogil:
-    """Query head item % n_heads of row item // n_heads; scores in the running thread's scratch row."""
+    """The query heads of KV head item % n_kv of row item // n_kv (one GQA group: each K and V row is
+    loaded once for the group); scores in the running thread's scratch row."""
     cdef _AttentionJob *j = <_AttentionJob *>ctx
-    cdef Py_ssize_t r = item // j.n_heads, h = item % j.n_heads
-    cdef Py_ssize_t kv = j.slots[r] * j.slot_stride + (h // j.group) * j.head_stride
-    fo_attend(j.q + r * j.qs + h * j.head_dim, j.k + kv, j.v + kv, j.positions[r] + 1, j.head_dim, j.head_dim,
-              j.scale, j.scores + thread * j.scratch_stride, j.out + r * j.os + h * j.head_dim)
+    cdef Py_ssize_t n_kv = j.n_heads // j.group
+    cdef Py_ssize_t r = item // n_kv, h = item % n_kv
+    cdef Py_ssize_t kv = j.slots[r] * j.slot_stride + h * j.head_stride
+    cdef Py_ssize_t first = h * j.group * j.head_dim
+    fo_attend_group(j.q + r * j.qs + first, j.head_dim, j.group, j.k + kv, j.v + kv, j.positions[r] + 1,
+                    j.head_dim, j.head_dim, j.scale, j.scores + thread * j.scratch_stride, j.scratch_stride,
+                    j.out + r * j.os + first, j.head_dim)
 
 
 def attention(const float[:, :] q, const float[:, :, :, ::1] k_cache, const float[:, :, :, ::1] v_cache,
@@ -325,7 +328,8 @@ def attention(const float[:, :] q, const float[:, :, :, ::1] k_cache, const floa
     """Causal GQA attention of each query row over its slot's cache, positions 0..positions[r].
 
     q, out: [rows, n_heads * head_dim]; caches [n_slots, n_kv, ctx, head_dim]. Query head j reads KV
-    head j // (n_heads // n_kv) (one C call per row and head: fo_attend in floatops_kernels.c). Scores are
+    head j // (n_heads // n_kv) (one C call per row and KV head: fo_attend_group in floatops_kernels.c,
+    each query head computed as fo_attend does). Scores are
     q.k (fixed-order dot) * 1/sqrt(head_dim); softmax in float32 (max subtracted, sum in position
     order); the output accumulates p[t] * v[t] in position order and is divided by the sum at the end.
     scratch: [>= 1, ctx] float32, one row per thread for the scores (fewer rows = fewer threads).
@@ -349,13 +353,13 @@ def attention(const float[:, :] q, const float[:, :, :, ::1] k_cache, const floa
     job.n_heads, job.group, job.head_dim = n_heads, n_heads // n_kv, head_dim
     job.head_stride, job.slot_stride, job.scratch_stride = ctx * head_dim, n_kv * ctx * head_dim, scratch.shape[1]
     job.scale = <float>(1.0 / sqrt(<double>head_dim))
-    cdef Py_ssize_t work = rows * n_heads, r, positions_total = 0
+    cdef Py_ssize_t work = rows * n_kv, r, positions_total = 0
     for r in range(rows):
         positions_total += positions[r] + 1
     cdef int threads = min(_num_threads, <int>min(scratch.shape[0], TQ_MAX_THREADS))
     if work < 2 or positions_total * n_heads < _ATTENTION_PARALLEL_MIN:
         threads = 1
-    # one task per (row, head): items differ in length (positions), so the pool hands them out one by one
+    # one task per (row, KV head): items differ in length (positions), so the pool hands them out one by one
     with nogil:
         _parallel(work, _attention_task, &job, threads)
 

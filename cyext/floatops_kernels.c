@@ -175,6 +175,179 @@ __attribute__((target("avx2"))) static void axpy4_avx2(float *out, const float *
         out[d] = (((out[d] + p[0] * v[d]) + p[1] * v[stride + d]) + p[2] * v[2 * stride + d]) +
                  p[3] * v[3 * stride + d];
 }
+
+/* ---- AVX-512 (F, BW, VL, DQ): one zmm holds the 16 lanes of one dot product, so a register tile of
+ * activation rows x weight rows keeps every accumulator in a register and reuses each load several
+ * times. Still a separate mul and add per step (no FMA), so the bits are the portable C's. --------- */
+
+#define FO_UNROLL _Pragma("GCC unroll 16")
+#define FO_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c")))
+
+/* Sixteen weights from element i on, widened to float; the masked form reads only the lanes in m
+   (others are 0). */
+FO_AVX512 static inline __m512 load16(int wtype, const void *b, ptrdiff_t i) {
+    if (wtype == FO_W_F32) return _mm512_loadu_ps((const float *)b + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)b + i));
+    if (wtype == FO_W_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+FO_AVX512 static inline __m512 load16_mask(int wtype, const void *b, ptrdiff_t i, __mmask16 m) {
+    if (wtype == FO_W_F32) return _mm512_maskz_loadu_ps(m, (const float *)b + i);
+    __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)b + i);
+    if (wtype == FO_W_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* The tree fold of 16 accumulators at once, a[4 * v + r] for v, r < 4: each step adds lane j + w to
+   lane j of every accumulator (the additions of fold_lanes), while shuffles pack the halves of
+   different accumulators into one register. The result holds a[4 * v + r] folded in lane 4 * r + v. */
+FO_AVX512 static inline __m512 fold16_avx512(const __m512 *a) {
+    __m512 s[8], t[4], u[2];
+    FO_UNROLL
+    for (int k = 0; k < 8; k++) /* w = 8: low 256 bits + high 256 bits */
+        s[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x44),
+                             _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xEE));
+    FO_UNROLL
+    for (int k = 0; k < 4; k++) /* w = 4: 128-bit chunk 0 + chunk 1 of each 8-lane partial */
+        t[k] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * k], s[2 * k + 1], 0x88),
+                             _mm512_shuffle_f32x4(s[2 * k], s[2 * k + 1], 0xDD));
+    FO_UNROLL
+    for (int k = 0; k < 2; k++) /* w = 2: lanes 0, 1 + lanes 2, 3 within each chunk */
+        u[k] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * k], t[2 * k + 1], 0x44),
+                             _mm512_shuffle_ps(t[2 * k], t[2 * k + 1], 0xEE));
+    /* w = 1: lane 0 + lane 1 */
+    return _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x88), _mm512_shuffle_ps(u[0], u[1], 0xDD));
+}
+
+/* R activation rows (xs floats apart) x V weight rows (row_bytes apart), R, V <= 4: out[r * os + v] =
+   dot(x_r, w_v). Inlined with constant R, V, wtype so the loops unroll and the accumulators stay in
+   registers. pf (or NULL): the next V weight rows (contiguous), asked for from memory at the rate this
+   tile reads its own. */
+FO_AVX512 static inline __attribute__((always_inline)) void tile_avx512(const float *x, ptrdiff_t xs, const int R,
+                                                                       const char *w, ptrdiff_t row_bytes,
+                                                                       const int V, const int wtype, ptrdiff_t n,
+                                                                       float *out, ptrdiff_t os, const char *pf) {
+    const ptrdiff_t esize = wtype == FO_W_F32 ? 4 : 2;
+    __m512 acc[16];
+    FO_UNROLL
+    for (int k = 0; k < 16; k++) acc[k] = _mm512_setzero_ps();
+    ptrdiff_t i = 0;
+    for (; i + FO_LANES <= n; i += FO_LANES) {
+        __m512 xv[4], wv[4];
+        FO_UNROLL
+        for (int r = 0; r < R; r++) xv[r] = _mm512_loadu_ps(x + r * xs + i);
+        FO_UNROLL
+        for (int v = 0; v < V; v++) wv[v] = load16(wtype, w + v * row_bytes, i);
+        if (pf) {
+            FO_UNROLL
+            for (int k = 0; k < (esize == 4 ? V : (V + 1) / 2); k++)
+                _mm_prefetch(pf + i * esize * V + 64 * k, _MM_HINT_T0);
+        }
+        FO_UNROLL
+        for (int v = 0; v < V; v++)
+            FO_UNROLL
+            for (int r = 0; r < R; r++) acc[4 * v + r] = _mm512_add_ps(acc[4 * v + r], _mm512_mul_ps(xv[r], wv[v]));
+    }
+    if (i < n) { /* the tail: element i + j to lane j, the other lanes unchanged */
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        __m512 xv[4], wv[4];
+        FO_UNROLL
+        for (int r = 0; r < R; r++) xv[r] = _mm512_maskz_loadu_ps(m, x + r * xs + i);
+        FO_UNROLL
+        for (int v = 0; v < V; v++) wv[v] = load16_mask(wtype, w + v * row_bytes, i, m);
+        FO_UNROLL
+        for (int v = 0; v < V; v++)
+            FO_UNROLL
+            for (int r = 0; r < R; r++)
+                acc[4 * v + r] = _mm512_mask_add_ps(acc[4 * v + r], m, acc[4 * v + r], _mm512_mul_ps(xv[r], wv[v]));
+    }
+    __m512 res = fold16_avx512(acc);
+    float lane[FO_LANES];
+    _mm512_storeu_ps(lane, res);
+    FO_UNROLL
+    for (int r = 0; r < R; r++)
+        FO_UNROLL
+        for (int v = 0; v < V; v++) out[r * os + v] = lane[4 * r + v];
+}
+
+#define FO_TILE(NAME, R, V, WT)                                                                      \
+    FO_AVX512 static void NAME(const float *x, ptrdiff_t xs, const char *w, ptrdiff_t row_bytes,      \
+                               ptrdiff_t n, float *out, ptrdiff_t os, const char *pf) {              \
+        tile_avx512(x, xs, R, w, row_bytes, V, WT, n, out, os, pf);                                  \
+    }
+#define FO_TILES(WT, SUFFIX)                                                                          \
+    FO_TILE(tile1x4_##SUFFIX, 1, 4, WT)                                                              \
+    FO_TILE(tile2x4_##SUFFIX, 2, 4, WT)                                                              \
+    FO_TILE(tile3x4_##SUFFIX, 3, 4, WT)                                                              \
+    FO_TILE(tile4x4_##SUFFIX, 4, 4, WT)                                                              \
+    FO_TILE(tile1x1_##SUFFIX, 1, 1, WT)                                                              \
+    FO_TILE(tile2x1_##SUFFIX, 2, 1, WT)                                                              \
+    FO_TILE(tile3x1_##SUFFIX, 3, 1, WT)                                                              \
+    FO_TILE(tile4x1_##SUFFIX, 4, 1, WT)
+FO_TILES(FO_W_F32, f32)
+FO_TILES(FO_W_F16, f16)
+FO_TILES(FO_W_BF16, bf16)
+
+typedef void (*tile_fn)(const float *, ptrdiff_t, const char *, ptrdiff_t, ptrdiff_t, float *, ptrdiff_t,
+                        const char *);
+/* [wtype][V == 4][R - 1] */
+static const tile_fn g_tiles[3][2][4] = {
+    {{tile1x1_f32, tile2x1_f32, tile3x1_f32, tile4x1_f32}, {tile1x4_f32, tile2x4_f32, tile3x4_f32, tile4x4_f32}},
+    {{tile1x1_f16, tile2x1_f16, tile3x1_f16, tile4x1_f16}, {tile1x4_f16, tile2x4_f16, tile3x4_f16, tile4x4_f16}},
+    {{tile1x1_bf16, tile2x1_bf16, tile3x1_bf16, tile4x1_bf16},
+     {tile1x4_bf16, tile2x4_bf16, tile3x4_bf16, tile4x4_bf16}},
+};
+
+/* Widen `count` rows of n half / bfloat16 weights (row_bytes apart) into float rows n apart (exact). */
+FO_AVX512 static void widen_rows_avx512(const char *w, ptrdiff_t row_bytes, int wtype, int count, ptrdiff_t n,
+                                        float *dst) {
+    for (int v = 0; v < count; v++) {
+        ptrdiff_t i = 0;
+        for (; i + FO_LANES <= n; i += FO_LANES) _mm512_storeu_ps(dst + v * n + i, load16(wtype, w + v * row_bytes, i));
+        if (i < n) {
+            __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+            _mm512_mask_storeu_ps(dst + v * n + i, m, load16_mask(wtype, w + v * row_bytes, i, m));
+        }
+    }
+}
+
+/* Half / bfloat16 rows up to this long are widened once per group of four weight rows when more than
+   one tile of activation rows will read them (16 KB of stack per 1024). */
+#define FO_WIDEN_MAX 2048
+
+/* The head block on the AVX-512 path: groups of four weight rows outside (4 KB of f32 at d = 256, they
+   stay in L1 while every activation row passes over them, so each weight byte comes from memory
+   once), activation rows in tiles of four inside. */
+static void head_rows_avx512(const float *x, ptrdiff_t xs, ptrdiff_t rows, const char *w, ptrdiff_t n_w,
+                             int wtype, ptrdiff_t n, float *out, ptrdiff_t os) {
+    float widened[4 * FO_WIDEN_MAX];
+    ptrdiff_t row_bytes = n * (wtype == FO_W_F32 ? 4 : 2);
+    int widen = wtype != FO_W_F32 && rows > 4 && n <= FO_WIDEN_MAX;
+    /* One or two activation rows read each weight once: memory-bound when the head is not in cache,
+       and four rows of over 1 KB each are four streams a row apart, which came from memory at about
+       half the rate of one sequential stream (d = 2560: 5.4 ms against 2.8 for a 16384-row f16 head).
+       Then single weight rows in order; a group of four short rows is itself contiguous. */
+    int by_four = rows > 2 || row_bytes <= 1024;
+    for (ptrdiff_t v = 0; v < n_w;) {
+        int wide = by_four && n_w - v >= 4;
+        const tile_fn *tiles = g_tiles[widen ? FO_W_F32 : wtype][wide];
+        const char *wv = w + v * row_bytes;
+        ptrdiff_t wv_bytes = row_bytes;
+        if (widen) { /* the conversion then runs once per weight element, not once per tile of rows */
+            widen_rows_avx512(wv, row_bytes, wtype, wide ? 4 : 1, n, widened);
+            wv = (const char *)widened;
+            wv_bytes = n * 4;
+        }
+        /* short rows: the first tile of activation rows also fetches the next group from memory (the
+           group after a 4 KB group is the next 4 KB; with longer rows this measured slower) */
+        const char *next = row_bytes <= 1024 ? w + (v + (wide ? 4 : 1)) * row_bytes : NULL;
+        for (ptrdiff_t r = 0; r < rows; r += 4) {
+            ptrdiff_t R = rows - r < 4 ? rows - r : 4;
+            tiles[R - 1](x + r * xs, xs, wv, wv_bytes, n, out + r * os + v, os, r == 0 ? next : NULL);
+        }
+        v += wide ? 4 : 1;
+    }
+}
 #endif
 
 static void axpy_portable(float *out, float p, const float *v, ptrdiff_t n) {
@@ -186,7 +359,11 @@ static void axpy_portable(float *out, float p, const float *v, ptrdiff_t n) {
 int fo_best_path(void) {
 #if FO_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return 1;
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("f16c")) return 0;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        return 2;
+    return 1;
 #endif
     return 0;
 }
@@ -240,6 +417,12 @@ void fo_head_rows(const float *x, ptrdiff_t xs, ptrdiff_t rows, const void *w, p
                   ptrdiff_t n, float *out, ptrdiff_t os) {
     /* Row groups outside, weight rows inside: a group of four activation rows stays in L1 while the
        block of weight rows streams past it (from memory once, then from L2 for the next groups). */
+#if FO_X86
+    if (g_path >= 2) {
+        head_rows_avx512(x, xs, rows, (const char *)w, n_w, wtype, n, out, os);
+        return;
+    }
+#endif
     const char *w_bytes = (const char *)w;
     ptrdiff_t row_bytes = n * (wtype == FO_W_F32 ? 4 : 2);
     ptrdiff_t r = 0;
@@ -285,10 +468,8 @@ void fo_attend(const float *q, const float *k, const float *v, ptrdiff_t n_pos, 
         scores[t] = scores[t] * scale;
         if (scores[t] > max_score) max_score = scores[t];
     }
-    for (t = 0; t < n_pos; t++) {
-        scores[t] = expf(scores[t] - max_score);
-        total = total + scores[t];
-    }
+    for (t = 0; t < n_pos; t++) scores[t] = expf(scores[t] - max_score);
+    for (t = 0; t < n_pos; t++) total = total + scores[t]; /* after the calls: nothing live across them */
     for (ptrdiff_t d = 0; d < head_dim; d++) out[d] = 0.0f;
     t = 0;
 #if FO_X86
@@ -303,7 +484,276 @@ void fo_attend(const float *q, const float *k, const float *v, ptrdiff_t n_pos, 
     for (ptrdiff_t d = 0; d < head_dim; d++) out[d] = out[d] * inv;
 }
 
+#if FO_X86
+/* out_g = sum_t p_g[t] * v_t in position order for G heads (G <= 4, compile-time), over dims d0 ..
+   d0 + 63 (chunks masked to head_dim): each v row is loaded once for all G heads and the G x 4 output
+   vectors stay in registers across the whole position loop; then out_g *= inv_g. Element-wise the
+   same additions as axpy_portable, starting from 0. */
+FO_AVX512 static inline __attribute__((always_inline)) void attend_out_avx512(
+    const int G, const float *p, ptrdiff_t p_stride, const float *v, ptrdiff_t n_pos, ptrdiff_t pos_stride,
+    ptrdiff_t head_dim, ptrdiff_t d0, const float *inv, float *out, ptrdiff_t out_stride) {
+    __mmask16 m[4];
+    FO_UNROLL
+    for (int c = 0; c < 4; c++) {
+        ptrdiff_t left = head_dim - d0 - 16 * c;
+        m[c] = left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+    }
+    __m512 acc[4][4];
+    FO_UNROLL
+    for (int g = 0; g < G; g++)
+        FO_UNROLL
+        for (int c = 0; c < 4; c++) acc[g][c] = _mm512_setzero_ps();
+    const float *vd = v + d0;
+    for (ptrdiff_t t = 0; t < n_pos; t++) {
+        if (t + FO_PREFETCH_AHEAD < n_pos)
+            for (ptrdiff_t c = 0; c < 64 && d0 + c < head_dim; c += 16)
+                _mm_prefetch((const char *)(vd + (t + FO_PREFETCH_AHEAD) * pos_stride + c), _MM_HINT_T0);
+        __m512 vv[4];
+        FO_UNROLL
+        for (int c = 0; c < 4; c++) vv[c] = _mm512_maskz_loadu_ps(m[c], vd + t * pos_stride + 16 * c);
+        FO_UNROLL
+        for (int g = 0; g < G; g++) {
+            __m512 pv = _mm512_set1_ps(p[g * p_stride + t]);
+            FO_UNROLL
+            for (int c = 0; c < 4; c++) acc[g][c] = _mm512_add_ps(acc[g][c], _mm512_mul_ps(pv, vv[c]));
+        }
+    }
+    FO_UNROLL
+    for (int g = 0; g < G; g++) {
+        __m512 iv = _mm512_set1_ps(inv[g]);
+        FO_UNROLL
+        for (int c = 0; c < 4; c++)
+            _mm512_mask_storeu_ps(out + g * out_stride + d0 + 16 * c, m[c], _mm512_mul_ps(acc[g][c], iv));
+    }
+}
+
+#define FO_ATTEND_OUT(G)                                                                             \
+    FO_AVX512 static void attend_out##G##_avx512(const float *p, ptrdiff_t p_stride, const float *v,    \
+                                                 ptrdiff_t n_pos, ptrdiff_t pos_stride, ptrdiff_t head_dim, \
+                                                 ptrdiff_t d0, const float *inv, float *out,           \
+                                                 ptrdiff_t out_stride) {                               \
+        attend_out_avx512(G, p, p_stride, v, n_pos, pos_stride, head_dim, d0, inv, out, out_stride); \
+    }
+FO_ATTEND_OUT(1)
+FO_ATTEND_OUT(2)
+FO_ATTEND_OUT(3)
+FO_ATTEND_OUT(4)
+typedef void (*attend_out_fn)(const float *, ptrdiff_t, const float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t,
+                              const float *, float *, ptrdiff_t);
+static const attend_out_fn g_attend_out[4] = {attend_out1_avx512, attend_out2_avx512, attend_out3_avx512,
+                                              attend_out4_avx512};
+
+/* Scaled scores of NQ queries (NQ = 1, 2 or 4, q_stride apart) against P = 16 / NQ positions (k rows
+   pos_stride apart): the 16 dots as one register tile, so one fold serves them all; dot (q, k_p) of
+   query g sits in accumulator 4 * v + r with r = p % 4, v = (p / 4) * NQ + g, folded into lane
+   4 * r + v. s[g * s_stride + p] = dot * scale (the same multiply fo_attend does after the dot). */
+FO_AVX512 static inline __attribute__((always_inline)) void scores_tile_avx512(const int NQ, const float *q,
+                                                                              ptrdiff_t q_stride, const float *k,
+                                                                              ptrdiff_t pos_stride, ptrdiff_t n,
+                                                                              float scale, float *s,
+                                                                              ptrdiff_t s_stride) {
+    const int P = 16 / NQ;
+    __m512 acc[16];
+    FO_UNROLL
+    for (int a = 0; a < 16; a++) acc[a] = _mm512_setzero_ps();
+    ptrdiff_t i = 0;
+    for (; i + FO_LANES <= n; i += FO_LANES) {
+        __m512 qv[4];
+        FO_UNROLL
+        for (int g = 0; g < NQ; g++) qv[g] = _mm512_loadu_ps(q + g * q_stride + i);
+        FO_UNROLL
+        for (int p = 0; p < P; p++) {
+            __m512 kv = _mm512_loadu_ps(k + p * pos_stride + i);
+            FO_UNROLL
+            for (int g = 0; g < NQ; g++) {
+                int a = 4 * ((p / 4) * NQ + g) + p % 4;
+                acc[a] = _mm512_add_ps(acc[a], _mm512_mul_ps(qv[g], kv));
+            }
+        }
+    }
+    if (i < n) {
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        __m512 qv[4];
+        FO_UNROLL
+        for (int g = 0; g < NQ; g++) qv[g] = _mm512_maskz_loadu_ps(m, q + g * q_stride + i);
+        FO_UNROLL
+        for (int p = 0; p < P; p++) {
+            __m512 kv = _mm512_maskz_loadu_ps(m, k + p * pos_stride + i);
+            FO_UNROLL
+            for (int g = 0; g < NQ; g++) {
+                int a = 4 * ((p / 4) * NQ + g) + p % 4;
+                acc[a] = _mm512_mask_add_ps(acc[a], m, acc[a], _mm512_mul_ps(qv[g], kv));
+            }
+        }
+    }
+    /* gather query g's P scores into lanes g * P .. g * P + P - 1, in position order */
+    int order[FO_LANES];
+    FO_UNROLL
+    for (int g = 0; g < NQ; g++)
+        FO_UNROLL
+        for (int p = 0; p < P; p++) order[g * P + p] = 4 * (p % 4) + (p / 4) * NQ + g;
+    __m512 res = _mm512_permutexvar_ps(_mm512_loadu_si512(order), fold16_avx512(acc));
+    res = _mm512_mul_ps(res, _mm512_set1_ps(scale));
+    FO_UNROLL
+    for (int g = 0; g < NQ; g++) /* lanes outside the mask are not written (nor read) */
+        _mm512_mask_storeu_ps(s + g * s_stride - g * P, (__mmask16)(((1u << P) - 1) << (g * P)), res);
+}
+
+#define FO_SCORES(NQ)                                                                                \
+    FO_AVX512 static void scores##NQ##_avx512(const float *q, ptrdiff_t q_stride, const float *k,       \
+                                              ptrdiff_t pos_stride, ptrdiff_t n, float scale, float *s,  \
+                                              ptrdiff_t s_stride) {                                    \
+        scores_tile_avx512(NQ, q, q_stride, k, pos_stride, n, scale, s, s_stride);                    \
+    }
+FO_SCORES(1)
+FO_SCORES(2)
+FO_SCORES(4)
+typedef void (*scores_fn)(const float *, ptrdiff_t, const float *, ptrdiff_t, ptrdiff_t, float, float *, ptrdiff_t);
+static const scores_fn g_scores[5] = {NULL, scores1_avx512, scores2_avx512, NULL, scores4_avx512};
+
+/* The largest of n scores: max_ps(s, m) keeps m when s is NaN, so NaNs are skipped as by fo_attend's
+   `if (s > max)`; the value is the same whatever the order (up to the sign of a zero maximum, and
+   s - (+0) and s - (-0) give the same expf). */
+FO_AVX512 static float max_scores_avx512(const float *s, ptrdiff_t n) {
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    ptrdiff_t t = 0;
+    for (; t + 16 <= n; t += 16) m = _mm512_max_ps(_mm512_loadu_ps(s + t), m);
+    if (t < n) m = _mm512_max_ps(_mm512_mask_loadu_ps(m, (__mmask16)((1u << (n - t)) - 1), s + t), m);
+    return _mm512_reduce_max_ps(m);
+}
+
+/* n_q <= 4 query heads over one KV head; scores: n_q rows of n_pos. */
+static void attend_group_avx512(const float *q, ptrdiff_t q_stride, int n_q, const float *k, const float *v,
+                                ptrdiff_t n_pos, ptrdiff_t pos_stride, ptrdiff_t head_dim, float scale,
+                                float *scores, float *out, ptrdiff_t out_stride) {
+    /* scaled scores: 16 dots per register tile where n_q divides 16, the head tiles (the query heads as
+       activation rows, positions as weight rows) for the rest */
+    ptrdiff_t t = 0;
+    if (g_scores[n_q]) {
+        const ptrdiff_t P = 16 / n_q;
+        for (; t + P <= n_pos; t += P) {
+            for (ptrdiff_t pp = 0; pp < P; pp += 4) prefetch_rows(k, t + 2 * P + pp, n_pos, pos_stride, head_dim);
+            g_scores[n_q](q, q_stride, k + t * pos_stride, pos_stride, head_dim, scale, scores + t, n_pos);
+        }
+    }
+    ptrdiff_t scaled = t;
+    for (; t + 4 <= n_pos; t += 4) {
+        prefetch_rows(k, t + FO_PREFETCH_AHEAD, n_pos, pos_stride, head_dim);
+        g_tiles[FO_W_F32][1][n_q - 1](q, q_stride, (const char *)(k + t * pos_stride), pos_stride * 4, head_dim,
+                                      scores + t, n_pos, NULL);
+    }
+    for (; t < n_pos; t++)
+        g_tiles[FO_W_F32][0][n_q - 1](q, q_stride, (const char *)(k + t * pos_stride), pos_stride * 4, head_dim,
+                                      scores + t, n_pos, NULL);
+    /* softmax of each head exactly as fo_attend */
+    float inv[4];
+    for (int g = 0; g < n_q; g++) {
+        float *s = scores + g * n_pos, max_score;
+        for (t = scaled; t < n_pos; t++) s[t] = s[t] * scale;
+        max_score = max_scores_avx512(s, n_pos);
+        /* the calls first, then the sum in position order: the same additions, and no sum to keep
+           across calls */
+        for (t = 0; t < n_pos; t++) s[t] = expf(s[t] - max_score);
+    }
+    /* each head's sum in position order; two heads' chains side by side (the adds wait on each other
+       within a head, not across heads) */
+    for (int g = 0; g < n_q; g += 2) {
+        const float *s0 = scores + g * n_pos, *s1 = s0 + n_pos;
+        float total0 = 0.0f, total1 = 0.0f;
+        if (g + 1 < n_q) {
+            for (t = 0; t < n_pos; t++) {
+                total0 = total0 + s0[t];
+                total1 = total1 + s1[t];
+            }
+            inv[g + 1] = 1.0f / total1;
+        } else {
+            for (t = 0; t < n_pos; t++) total0 = total0 + s0[t];
+        }
+        inv[g] = 1.0f / total0;
+    }
+    for (ptrdiff_t d0 = 0; d0 < head_dim; d0 += 64)
+        g_attend_out[n_q - 1](scores, n_pos, v, n_pos, pos_stride, head_dim, d0, inv, out, out_stride);
+}
+#endif
+
+/* Scores of a whole group fit here when the caller's scratch row is too short. */
+#define FO_GROUP_SCORES 4096
+
+void fo_attend_group(const float *q, ptrdiff_t q_stride, ptrdiff_t n_q, const float *k, const float *v,
+                     ptrdiff_t n_pos, ptrdiff_t pos_stride, ptrdiff_t head_dim, float scale, float *scratch,
+                     ptrdiff_t scratch_len, float *out, ptrdiff_t out_stride) {
+#if FO_X86
+    if (g_path >= 2) {
+        float local[FO_GROUP_SCORES];
+        float *scores = scratch;
+        ptrdiff_t room = scratch_len;
+        if (n_q * n_pos > scratch_len && n_pos <= FO_GROUP_SCORES / 4) {
+            scores = local;
+            room = FO_GROUP_SCORES;
+        }
+        ptrdiff_t per = room / n_pos; /* heads per pass (room >= n_pos) */
+        if (per > 4) per = 4;
+        for (ptrdiff_t g = 0; g < n_q; g += per) {
+            int count = (int)(n_q - g < per ? n_q - g : per);
+            attend_group_avx512(q + g * q_stride, q_stride, count, k, v, n_pos, pos_stride, head_dim, scale, scores,
+                                out + g * out_stride, out_stride);
+        }
+        return;
+    }
+#endif
+    for (ptrdiff_t g = 0; g < n_q; g++)
+        fo_attend(q + g * q_stride, k, v, n_pos, pos_stride, head_dim, scale, scratch, out + g * out_stride);
+}
+
+#if FO_X86
+/* fo_sum_squares with its 8 lanes in one zmm of doubles; the tail's masked add leaves other lanes be. */
+FO_AVX512 static double sum_squares_avx512(const float *x, ptrdiff_t n) {
+    __m512d acc = _mm512_setzero_pd();
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m512d d = _mm512_cvtps_pd(_mm256_loadu_ps(x + i));
+        acc = _mm512_add_pd(acc, _mm512_mul_pd(d, d));
+    }
+    if (i < n) {
+        __mmask8 m = (__mmask8)((1u << (n - i)) - 1);
+        __m512d d = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, x + i));
+        acc = _mm512_mask_add_pd(acc, m, acc, _mm512_mul_pd(d, d));
+    }
+    __m256d s4 = _mm256_add_pd(_mm512_castpd512_pd256(acc), _mm512_extractf64x4_pd(acc, 1)); /* w = 4 */
+    __m128d s2 = _mm_add_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd(s4, 1));       /* w = 2 */
+    return _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)));                            /* w = 1 */
+}
+
+/* out = (x * inv) * w, element-wise. */
+FO_AVX512 static void scale_mul_avx512(const float *x, float inv, const float *w, float *out, ptrdiff_t n) {
+    __m512 iv = _mm512_set1_ps(inv);
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), iv), _mm512_loadu_ps(w + i)));
+    if (i < n) {
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(out + i, m,
+                              _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), iv),
+                                            _mm512_maskz_loadu_ps(m, w + i)));
+    }
+}
+#endif
+
+void fo_rmsnorm_row(const float *x, const float *w, float *out, ptrdiff_t d, double eps) {
+    float inv = (float)(1.0 / sqrt(fo_sum_squares(x, d) / (double)d + eps));
+#if FO_X86
+    if (g_path >= 2) {
+        scale_mul_avx512(x, inv, w, out, d);
+        return;
+    }
+#endif
+    for (ptrdiff_t i = 0; i < d; i++) out[i] = (x[i] * inv) * w[i];
+}
+
 double fo_sum_squares(const float *x, ptrdiff_t n) {
+#if FO_X86
+    if (g_path >= 2) return sum_squares_avx512(x, n);
+#endif
     double lane[8] = {0};
     ptrdiff_t i = 0;
     for (; i + 8 <= n; i += 8)

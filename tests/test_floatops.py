@@ -351,3 +351,119 @@ def test_float_and_ternary_kernels_share_the_pool_from_two_python_threads():
         floatops.set_num_threads(threads[0])
         ternary.set_num_threads(threads[1])
     assert failures == []
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":")[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def test_avx512_path_offered_when_the_cpu_has_it():
+    wanted = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "f16c"}
+    flags = _cpu_flags()
+    if flags:
+        assert ("avx512" in floatops.kernel_paths()) == (wanted <= flags)
+
+
+@pytest.mark.parametrize("wtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("d", [1, 15, 17, 33, 256, 2048 + 5, 2560 + 3])
+def test_head_tiles_on_odd_shapes_equal_reference_on_every_path(wtype, d):
+    """Rows 1..17 (every remainder of the 4-row tiles, widened and direct half weights), weight-row
+    counts around multiples of 4, lengths with and without a tail of n % 16 elements."""
+    rng = np.random.default_rng(100 + d)
+    x = rand(rng, 17, d)
+    w32 = rand(rng, 4 * 3 + 3, d)
+    if wtype == "f32":
+        w, fn, wide = w32, floatops.matmul_rows, w32
+    elif wtype == "f16":
+        w16 = w32.astype(np.float16)
+        w, fn, wide = w16.view(np.uint16), floatops.matmul_rows_f16, w16.astype(np.float32)
+    else:
+        w = (w32.view(np.uint32) >> 16).astype(np.uint16)
+        fn, wide = floatops.matmul_rows_bf16, ref.bf16_to_float32(w)
+    expected = ref.matmul_rows(x, wide)
+    try:
+        for path in floatops.kernel_paths():
+            floatops.set_kernel_path(path)
+            for rows in (1, 2, 3, 4, 5, 8, 11, 16, 17):
+                for n_w in (1, 3, 4, 5, 15):
+                    out = np.full((rows, n_w), np.nan, np.float32)
+                    fn(x[:rows], w[:n_w], out)
+                    np.testing.assert_array_equal(out, expected[:rows, :n_w], err_msg=f"{path} {rows}x{n_w}")
+    finally:
+        floatops.set_kernel_path(floatops.kernel_paths()[-1])
+
+
+def test_head_strided_rows_and_output():
+    """x and out as views with row strides wider than their rows (as the engine passes them)."""
+    rng = np.random.default_rng(21)
+    x_buf, w = rand(rng, 9, 300), rand(rng, 70, 260)
+    out_buf = np.full((9, 90), np.nan, np.float32)
+    expected = ref.matmul_rows(np.ascontiguousarray(x_buf[:, :260]), w)
+    try:
+        for path in floatops.kernel_paths():
+            floatops.set_kernel_path(path)
+            floatops.matmul_rows(x_buf[:, :260], w, out_buf[:, :70])
+            np.testing.assert_array_equal(out_buf[:, :70], expected, err_msg=path)
+            assert np.isnan(out_buf[:, 70:]).all()
+    finally:
+        floatops.set_kernel_path(floatops.kernel_paths()[-1])
+
+
+@pytest.mark.parametrize(
+    ("n_kv", "group", "head_dim", "ctx"),
+    [(1, 1, 64, 40), (2, 2, 64, 70), (1, 3, 40, 70), (2, 4, 128, 70), (1, 6, 96, 70), (1, 5, 24, 1100)],
+)
+def test_attention_groups_agree_on_every_path(n_kv, group, head_dim, ctx):
+    """Grouped query heads (1..6 per KV head, more than one pass when over 4 or when the scores of
+    the group outgrow the scratch row), head_dim not a multiple of 64 or 16, every position count
+    from 1 to ctx: bit-identical on every path, and each row as if alone."""
+    rng = np.random.default_rng(1000 * group + head_dim)
+    k_cache, v_cache = make_cache(rng, n_slots=2, ctx=ctx, n_kv=n_kv, head_dim=head_dim)
+    n_heads = n_kv * group
+    positions = np.array(sorted({*range(0, min(ctx, 70)), ctx // 2, ctx - 2, ctx - 1}), np.int32)
+    rows = len(positions)
+    q = rand(rng, rows, n_heads * head_dim, scale=2.0)
+    slots = (np.arange(rows) % 2).astype(np.int32)
+    scratch = np.empty((2, ctx), np.float32)
+    results = {}
+    try:
+        for path in floatops.kernel_paths():
+            floatops.set_kernel_path(path)
+            out = np.full_like(q, np.nan)
+            floatops.attention(q, k_cache, v_cache, slots, positions, out, scratch)
+            results[path] = out
+    finally:
+        floatops.set_kernel_path(floatops.kernel_paths()[-1])
+    for path, out in results.items():
+        np.testing.assert_array_equal(out, results["portable"], err_msg=path)
+    np.testing.assert_allclose(
+        results["portable"], ref.attention(q, k_cache, v_cache, slots, positions), rtol=1e-5, atol=2e-6
+    )
+    for r in (0, rows // 2, rows - 1):
+        alone = np.empty((1, q.shape[1]), np.float32)
+        floatops.attention(
+            q[r : r + 1], k_cache, v_cache, slots[r : r + 1], positions[r : r + 1], alone, scratch
+        )
+        np.testing.assert_array_equal(alone[0], results["portable"][r])
+
+
+@pytest.mark.parametrize("d", [1, 7, 8, 9, 17, 256, 640, 2560 + 3])
+def test_rmsnorm_identical_on_every_path(d):
+    rng = np.random.default_rng(50 + d)
+    x, w = rand(rng, 5, d, scale=3.0), 1 + rand(rng, d, scale=0.1)
+    expected = ref.rmsnorm(x, w, 1e-5)
+    try:
+        for path in floatops.kernel_paths():
+            floatops.set_kernel_path(path)
+            out = np.full_like(x, np.nan)
+            floatops.rmsnorm(x, w, 1e-5, out)
+            np.testing.assert_array_equal(out, expected, err_msg=path)
+            inplace = x.copy()
+            floatops.rmsnorm(inplace, w, 1e-5, inplace)
+            np.testing.assert_array_equal(inplace, expected, err_msg=path)
+    finally:
+        floatops.set_kernel_path(floatops.kernel_paths()[-1])
