@@ -137,6 +137,16 @@ cdef extern from "ternary_kernels.h" nogil:
         int64_t M
         int64_t N
         int64_t Kp
+    ctypedef int (*tq_quantize_row_fn)(const float *row, int64_t K, int64_t Kp, int8_t *q, float *scale,
+                                       int32_t *sum)
+    tq_quantize_row_fn tq_quantize_row_fn_for(int path)
+    ctypedef struct tq_lut_quantize:
+        const float *x
+        int64_t x_stride
+        int64_t K
+        int32_t *x_sum
+        tq_quantize_row_fn row_fn
+    int64_t tq_bitlinear_lut(const tq_lut_args *a, const tq_lut_quantize *quant, int simd, int n_threads)
     int64_t tq_pack_lut(const uint8_t *packed, int64_t N, int64_t Kp, uint16_t *lut, int n_threads)
     int tq_lut_simd_available()
     int tq_gemm_lut(const tq_lut_args *a, int simd, int n_threads)
@@ -682,6 +692,7 @@ cdef int _bitlinear_into(x, weights, w_scale, xq, x_scale, x_sum, out, Py_buffer
         return 0
     cdef tq_gemm_args g
     cdef tq_lut_args l
+    cdef tq_lut_quantize lq
     cdef int path = _path, nt = _num_threads, status = 0
     cdef int64_t bad
     cdef int8_t *q = <int8_t *>bq.buf
@@ -698,6 +709,11 @@ cdef int _bitlinear_into(x, weights, w_scale, xq, x_scale, x_sum, out, Py_buffer
         l.w_scale = <const float *>bs.buf
         l.out = <float *>bo.buf
         l.out_stride = bo.strides[0] // 4
+        lq.x = <const float *>bx.buf
+        lq.x_stride = bx.strides[0] // 4
+        lq.K = K
+        lq.x_sum = xt
+        lq.row_fn = tq_quantize_row_fn_for(path)
     else:
         g.M = M
         g.N = N
@@ -712,15 +728,16 @@ cdef int _bitlinear_into(x, weights, w_scale, xq, x_scale, x_sum, out, Py_buffer
         g.out = <float *>bo.buf
         g.out_stride = bo.strides[0] // 4
     with nogil:
-        bad = tq_quantize_rows(<const float *>bx.buf, bx.strides[0] // 4, M, K, Kp, q, bq.strides[0], xs, xt, path,
-                               nt)
-        if bad < 0:
-            if is_lut:
-                status = tq_gemm_lut(&l, path != TQ_PATH_PORTABLE, nt)
-            else:
+        if is_lut:  # quantised inside the matmul's tasks, by the threads that use the rows
+            bad = tq_bitlinear_lut(&l, &lq, path != TQ_PATH_PORTABLE, nt)
+            status = bad == -2
+        else:
+            bad = tq_quantize_rows(<const float *>bx.buf, bx.strides[0] // 4, M, K, Kp, q, bq.strides[0], xs, xt,
+                                   path, nt)
+            if bad < 0:
                 tq_gemm(&g, path, nt)
-    if bad >= 0:
-        raise ValueError(f"x row {bad} contains NaN or infinity")
     if status != 0:
         raise MemoryError("no memory for the lookup tables of the LUT kernel")
+    if bad >= 0:
+        raise ValueError(f"x row {bad} contains NaN or infinity")
     return 0
