@@ -267,35 +267,41 @@ static void lut_rows_portable(const lut_job *j, int16_t *tables, int64_t g0, int
  * prefetch on one-row tiles cost M = 1 about 10%. */
 #define PREFETCH_AHEAD 4096
 
-/* rows m0 .. m0+R-1 of the block against the GR weight groups g .. g+GR-1 over the cq words of chunk c:
- * int16 sums (at most 84 lookups), widened and added to the int32 sums kept in `out`. With GR = 2 each
- * table is loaded once for two groups (a word of one group needs 3R table loads for 3R lookups, the
- * load ports' limit on Zen 4) and each index word once for R rows. */
-TARGET_BW TQ_INLINE void lut_tile(const lut_job *j, int16_t *tables, int64_t m0, int64_t g, int64_t c, int64_t cq,
-                                  int first, const int R, const int GR) {
+/* rows m0 .. m0+R-1 of the block against the GR weight groups g .. g+GR-1 over the words of chunks
+ * c0 .. c1-1 (a span: int16 sums of at most span_words(j) words, see lut_rows_avx512), widened and added
+ * to the int32 sums kept in `out`, or, when the span is the whole row (first and last), scaled and
+ * stored as the final floats at once. With GR = 2 each table is loaded once for two groups and each
+ * index word once for R rows. */
+TARGET_BW TQ_INLINE void lut_tile(const lut_job *j, int16_t *tables, int64_t m0, int64_t g, int64_t c0, int64_t c1,
+                                  int first, int last, const int R, const int GR) {
     const tq_lut_args *a = j->a;
-    const uint16_t *w[2];
-    for (int gi = 0; gi < GR; gi++) w[gi] = chunk_words(a->w, j->groups, tq_lut_words(a->Kp), c, g + gi);
-    const int16_t *t = table_at(tables, j->mb, c, m0, 0);
+    const int64_t words = tq_lut_words(a->Kp);
     __m512i acc[2][MR];
     for (int gi = 0; gi < GR; gi++)
         for (int r = 0; r < R; r++) acc[gi][r] = _mm512_setzero_si512();
-    for (int64_t q = 0; q < cq; q++) {
-        __m512i i0[2], i1[2], i2[2];
-        for (int gi = 0; gi < GR; gi++) {
-            if (R == MR && m0 == 0) /* the first full tile of a chunk reads the weights from DRAM */
-                _mm_prefetch((const char *)(w[gi] + q * TQ_LUT_ROWS) + PREFETCH_AHEAD, _MM_HINT_T1);
-            i0[gi] = _mm512_loadu_si512(w[gi] + q * TQ_LUT_ROWS);
-            i1[gi] = _mm512_srli_epi16(i0[gi], 5);
-            i2[gi] = _mm512_srli_epi16(i0[gi], 10);
-        }
-        for (int r = 0; r < R; r++) {
-            const int16_t *tr = t + (r * CHUNK_GROUPS + 3 * q) * 32;
-            __m512i t0 = _mm512_loadu_si512(tr), t1 = _mm512_loadu_si512(tr + 32), t2 = _mm512_loadu_si512(tr + 64);
+    for (int64_t c = c0; c < c1; c++) {
+        const int64_t cq = chunk_start(words, c + 1) - chunk_start(words, c);
+        const uint16_t *w[2];
+        for (int gi = 0; gi < GR; gi++) w[gi] = chunk_words(a->w, j->groups, words, c, g + gi);
+        const int16_t *t = table_at(tables, j->mb, c, m0, 0);
+        for (int64_t q = 0; q < cq; q++) {
+            __m512i i0[2], i1[2], i2[2];
             for (int gi = 0; gi < GR; gi++) {
-                acc[gi][r] = _mm512_add_epi16(acc[gi][r], _mm512_permutexvar_epi16(i0[gi], t0));
-                acc[gi][r] = _mm512_add_epi16(acc[gi][r], _mm512_permutexvar_epi16(i1[gi], t1));
-                acc[gi][r] = _mm512_add_epi16(acc[gi][r], _mm512_permutexvar_epi16(i2[gi], t2));
+                if (R == MR && m0 == 0) /* the first full tile of a chunk reads the weights from DRAM */
+                    _mm_prefetch((const char *)(w[gi] + q * TQ_LUT_ROWS) + PREFETCH_AHEAD, _MM_HINT_T1);
+                i0[gi] = _mm512_loadu_si512(w[gi] + q * TQ_LUT_ROWS);
+                i1[gi] = _mm512_srli_epi16(i0[gi], 5);
+                i2[gi] = _mm512_srli_epi16(i0[gi], 10);
+            }
+            for (int r = 0; r < R; r++) {
+                const int16_t *tr = t + (r * CHUNK_GROUPS + 3 * q) * 32;
+                __m512i t0 = _mm512_loadu_si512(tr), t1 = _mm512_loadu_si512(tr + 32);
+                __m512i t2 = _mm512_loadu_si512(tr + 64);
+                for (int gi = 0; gi < GR; gi++) {
+                    acc[gi][r] = _mm512_add_epi16(acc[gi][r], _mm512_permutexvar_epi16(i0[gi], t0));
+                    acc[gi][r] = _mm512_add_epi16(acc[gi][r], _mm512_permutexvar_epi16(i1[gi], t1));
+                    acc[gi][r] = _mm512_add_epi16(acc[gi][r], _mm512_permutexvar_epi16(i2[gi], t2));
+                }
             }
         }
     }
@@ -304,9 +310,20 @@ TARGET_BW TQ_INLINE void lut_tile(const lut_job *j, int16_t *tables, int64_t m0,
         __mmask16 lo = (__mmask16)(valid >= 16 ? 0xffff : (1u << valid) - 1);
         __mmask16 hi = (__mmask16)(valid >= 32 ? 0xffff : valid <= 16 ? 0 : (1u << (valid - 16)) - 1);
         for (int r = 0; r < R; r++) {
-            int32_t *o = (int32_t *)(a->out + (j->m0 + m0 + r) * a->out_stride + n0);
+            const int64_t m = j->m0 + m0 + r;
+            int32_t *o = (int32_t *)(a->out + m * a->out_stride + n0);
             __m512i s0 = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(acc[gi][r]));
             __m512i s1 = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(acc[gi][r], 1));
+            if (first && last) { /* the same IEEE operations as finish_rows */
+                const __m512 xs = _mm512_set1_ps(a->x_scale[m]);
+                __m512 f0 = _mm512_div_ps(_mm512_cvtepi32_ps(s0), xs);
+                __m512 f1 = _mm512_div_ps(_mm512_cvtepi32_ps(s1), xs);
+                f0 = _mm512_mul_ps(f0, _mm512_maskz_loadu_ps(lo, a->w_scale + n0));
+                f1 = _mm512_mul_ps(f1, _mm512_maskz_loadu_ps(hi, a->w_scale + n0 + 16));
+                _mm512_mask_storeu_ps(a->out + m * a->out_stride + n0, lo, f0);
+                _mm512_mask_storeu_ps(a->out + m * a->out_stride + n0 + 16, hi, f1);
+                continue;
+            }
             if (!first) {
                 s0 = _mm512_add_epi32(s0, _mm512_maskz_loadu_epi32(lo, o));
                 s1 = _mm512_add_epi32(s1, _mm512_maskz_loadu_epi32(hi, o + 16));
@@ -330,33 +347,57 @@ TARGET_BW static void finish_rows(const tq_lut_args *a, int64_t m, int64_t n0, i
     }
 }
 
+/* Whether chunks c0 .. c1-1 can be summed in int16 in one pass. A lookup is at most 3 * 128 in
+ * magnitude, so one chunk (at most TQ_LUT_CHUNK = 28 words, 84 lookups: 32256) is safe for any int8
+ * rows. Rows from the quantiser never hold -128 (|x| * (127 / max|x|) rounds to at most 127), and the
+ * activations past Kp are zero, so a span covering at most 258 activations of the row (258 * 127 =
+ * 32766) is safe too: with K <= 258 the whole row is one pass, and the tiles store the final floats
+ * without int32 partial sums in `out` (measured: 256-column matrices, M = 16, about 10% faster). */
+static inline int span_fits(const lut_job *j, int64_t words, int64_t c0, int64_t c1) {
+    if (c1 == c0 + 1) return 1;
+    if (!j->quant) return 0;
+    int64_t k0 = 9 * chunk_start(words, c0), k1 = 9 * chunk_start(words, c1);
+    if (k1 > j->a->Kp) k1 = j->a->Kp;
+    return 127 * (k1 - k0) <= 32767;
+}
+
+TARGET_BW TQ_INLINE void lut_span(const lut_job *j, int16_t *tables, int64_t g0, int64_t g1, int64_t c0, int64_t c1,
+                                  int first, int last) {
+    for (int64_t m = 0; m < j->mb; m += MR) {
+        int64_t g = g0;
+        if (j->mb - m >= 2) /* pairs of groups share the table loads; one row gains nothing */
+            for (; g + 2 <= g1; g += 2) {
+                switch (j->mb - m) {
+                case 2: lut_tile(j, tables, m, g, c0, c1, first, last, 2, 2); break;
+                case 3: lut_tile(j, tables, m, g, c0, c1, first, last, 3, 2); break;
+                default: lut_tile(j, tables, m, g, c0, c1, first, last, 4, 2); break;
+                }
+            }
+        for (; g < g1; g++) {
+            switch (j->mb - m) {
+            case 1: lut_tile(j, tables, m, g, c0, c1, first, last, 1, 1); break;
+            case 2: lut_tile(j, tables, m, g, c0, c1, first, last, 2, 1); break;
+            case 3: lut_tile(j, tables, m, g, c0, c1, first, last, 3, 1); break;
+            default: lut_tile(j, tables, m, g, c0, c1, first, last, 4, 1); break;
+            }
+        }
+    }
+}
+
 TARGET_BW static void lut_rows_avx512(const lut_job *j, int16_t *tables, int64_t g0, int64_t g1) {
     const tq_lut_args *a = j->a;
-    const int64_t words = tq_lut_words(a->Kp);
+    const int64_t words = tq_lut_words(a->Kp), chunks = n_chunks(words);
     int64_t n0 = g0 * TQ_LUT_ROWS, n1 = g1 * TQ_LUT_ROWS < a->N ? g1 * TQ_LUT_ROWS : a->N;
     if (words == 0) /* K = 0: every dot product is 0 */
         for (int64_t m = 0; m < j->mb; m++) memset(a->out + (j->m0 + m) * a->out_stride + n0, 0, (size_t)(n1 - n0) * 4);
-    for (int64_t c = 0; c < n_chunks(words); c++) {
-        int64_t cq = chunk_start(words, c + 1) - chunk_start(words, c);
-        for (int64_t m = 0; m < j->mb; m += MR) {
-            int64_t g = g0;
-            if (j->mb - m >= 2) /* pairs of groups share the table loads; one row gains nothing */
-                for (; g + 2 <= g1; g += 2) {
-                    switch (j->mb - m) {
-                    case 2: lut_tile(j, tables, m, g, c, cq, c == 0, 2, 2); break;
-                    case 3: lut_tile(j, tables, m, g, c, cq, c == 0, 3, 2); break;
-                    default: lut_tile(j, tables, m, g, c, cq, c == 0, 4, 2); break;
-                    }
-                }
-            for (; g < g1; g++) {
-                switch (j->mb - m) {
-                case 1: lut_tile(j, tables, m, g, c, cq, c == 0, 1, 1); break;
-                case 2: lut_tile(j, tables, m, g, c, cq, c == 0, 2, 1); break;
-                case 3: lut_tile(j, tables, m, g, c, cq, c == 0, 3, 1); break;
-                default: lut_tile(j, tables, m, g, c, cq, c == 0, 4, 1); break;
-                }
-            }
+    for (int64_t c0 = 0, c1; c0 < chunks; c0 = c1) {
+        for (c1 = c0 + 1; c1 < chunks && span_fits(j, words, c0, c1 + 1); c1++) {
         }
+        if (c0 == 0 && c1 == chunks) { /* one span: the tiles store the final floats */
+            lut_span(j, tables, g0, g1, c0, c1, 1, 1);
+            return;
+        }
+        lut_span(j, tables, g0, g1, c0, c1, c0 == 0, 0);
     }
     for (int64_t m = 0; m < j->mb; m++) finish_rows(a, j->m0 + m, n0, n1);
 }

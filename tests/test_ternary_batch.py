@@ -107,3 +107,25 @@ def test_bad_arguments_name_the_argument():
         ternary.bitlinear_into(x, packed, w_scale, *q, frozen)
     with pytest.raises(ValueError, match="weights must be a buffer"):
         ternary.bitlinear_into(x, None, w_scale, *q, out)
+
+
+@pytest.mark.parametrize("k", [256, 250, 258, 600])
+def test_extreme_sums_in_one_pass(kernel_path, threads, k):
+    """Quantised rows hold -127..127, so the LUT kernel sums a whole row of K <= 258 in int16 at once:
+    every activation at +-127 against weights all -1 or all +1 reaches 256 * 127 = 32512 there."""
+    n = 64
+    codes = np.ones((n, k), np.int8)
+    codes[::2] = -1
+    packed = ternary.pack_ternary(codes)
+    w_scale = np.ones(n, np.float32)
+    x = np.ones((6, k), np.float32)
+    x[1::2] = -1.0
+    x[4, ::2] = -1.0
+    q = scratch(6, k)
+    for count in (1, 2):
+        threads(count)
+        for weights in (packed, ternary.pack_lut(packed)):
+            out = np.empty((6, n), np.float32)
+            ternary.bitlinear_into(x, weights, w_scale, *q, out)
+            assert same_bits(out, ref.bitlinear(x, packed, w_scale))
+            assert abs(out[0, 0]) == k and q[2][0] == 127 * k
