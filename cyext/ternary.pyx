@@ -73,7 +73,8 @@ import sys
 
 import numpy as np
 
-from cpython.buffer cimport PyBUF_RECORDS, PyBUF_RECORDS_RO, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport (PyBUF_RECORDS, PyBUF_RECORDS_RO, PyBUF_STRIDES, PyBUF_WRITABLE, PyBuffer_Release,
+                             PyObject_GetBuffer)
 from cpython.pycapsule cimport PyCapsule_New
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t
 
@@ -606,8 +607,27 @@ cdef int _check_buffer(Py_buffer *view, const char *name, char code, Py_ssize_t 
     return 0
 
 
+cdef object _NDARRAY = np.ndarray
+cdef object _DT_F32 = np.dtype(np.float32)
+cdef object _DT_I8 = np.dtype(np.int8)
+cdef object _DT_I32 = np.dtype(np.int32)
+cdef object _DT_U8 = np.dtype(np.uint8)
+cdef object _DT_U16 = np.dtype(np.uint16)
+
+
 cdef inline int _get_buffer(object obj, Py_buffer *view, const char *name, char code, Py_ssize_t itemsize, int ndim,
-                            bint writable) except -1:
+                            bint writable, object dtype) except -1:
+    """view = obj's buffer, checked. A numpy array of exactly `dtype` (the builtin descriptor: native
+    byte order) skips the format string, which numpy rebuilds and compares on every export."""
+    if type(obj) is _NDARRAY and (<object>obj).dtype is dtype:
+        try:
+            PyObject_GetBuffer(obj, view, PyBUF_STRIDES | PyBUF_WRITABLE if writable else PyBUF_STRIDES)
+        except Exception as e:
+            what = "a writeable buffer" if writable else "a buffer"
+            raise ValueError(f"{name.decode()} must be {what} ({e})") from None
+        if view.ndim != ndim:
+            raise ValueError(f"{name.decode()} must be {ndim}-D, got {view.ndim}-D")
+        return 0
     _acquire(obj, view, name, writable)
     return _check_buffer(view, name, code, itemsize, ndim)
 
@@ -642,18 +662,25 @@ cdef inline void _release(Py_buffer *view) noexcept:
 
 cdef int _bitlinear_into(x, weights, w_scale, xq, x_scale, x_sum, out, Py_buffer *bx, Py_buffer *bw,
                          Py_buffer *bs, Py_buffer *bq, Py_buffer *bxs, Py_buffer *bxt, Py_buffer *bo) except -1:
-    _get_buffer(x, bx, b"x", b"f"[0], 4, 2, False)
-    _acquire(weights, bw, b"weights", False)
-    cdef bint is_lut = bw.ndim == 1
-    if is_lut:
-        _check_buffer(bw, b"LUT weights", b"H"[0], 2, 1)
+    _get_buffer(x, bx, b"x", b"f"[0], 4, 2, False, _DT_F32)
+    cdef bint is_lut
+    wdt = (<object>weights).dtype if type(weights) is _NDARRAY else None
+    if wdt is _DT_U16 or wdt is _DT_U8:
+        is_lut = wdt is _DT_U16
+        _get_buffer(weights, bw, b"LUT weights" if is_lut else b"packed", b"H"[0] if is_lut else b"B"[0],
+                    2 if is_lut else 1, 1 if is_lut else 2, False, wdt)
     else:
-        _check_buffer(bw, b"packed", b"B"[0], 1, 2)
-    _get_buffer(w_scale, bs, b"w_scale", b"f"[0], 4, 1, False)
-    _get_buffer(xq, bq, b"xq", b"b"[0], 1, 2, True)
-    _get_buffer(x_scale, bxs, b"x_scale", b"f"[0], 4, 1, True)
-    _get_buffer(x_sum, bxt, b"x_sum", b"i"[0], 4, 1, True)
-    _get_buffer(out, bo, b"out", b"f"[0], 4, 2, True)
+        _acquire(weights, bw, b"weights", False)
+        is_lut = bw.ndim == 1
+        if is_lut:
+            _check_buffer(bw, b"LUT weights", b"H"[0], 2, 1)
+        else:
+            _check_buffer(bw, b"packed", b"B"[0], 1, 2)
+    _get_buffer(w_scale, bs, b"w_scale", b"f"[0], 4, 1, False, _DT_F32)
+    _get_buffer(xq, bq, b"xq", b"b"[0], 1, 2, True, _DT_I8)
+    _get_buffer(x_scale, bxs, b"x_scale", b"f"[0], 4, 1, True, _DT_F32)
+    _get_buffer(x_sum, bxt, b"x_sum", b"i"[0], 4, 1, True, _DT_I32)
+    _get_buffer(out, bo, b"out", b"f"[0], 4, 2, True, _DT_F32)
     cdef int64_t M = bx.shape[0], K = bx.shape[1], N = bs.shape[0]
     cdef int64_t Kp = (K + BLOCK - 1) // BLOCK * BLOCK
     if is_lut:
