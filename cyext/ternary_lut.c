@@ -365,9 +365,9 @@ TARGET_BW TQ_INLINE void lut_span(const lut_job *j, int16_t *tables, int64_t g0,
                                   int first, int last) {
     for (int64_t m = 0; m < j->mb; m += MR) {
         int64_t g = g0;
-        if (j->mb - m >= 2) /* pairs of groups share the table loads; one row gains nothing */
-            for (; g + 2 <= g1; g += 2) {
+        for (; g + 2 <= g1; g += 2) { /* pairs of groups share the table loads */
                 switch (j->mb - m) {
+                case 1: lut_tile(j, tables, m, g, c0, c1, first, last, 1, 2); break;
                 case 2: lut_tile(j, tables, m, g, c0, c1, first, last, 2, 2); break;
                 case 3: lut_tile(j, tables, m, g, c0, c1, first, last, 3, 2); break;
                 default: lut_tile(j, tables, m, g, c0, c1, first, last, 4, 2); break;
