@@ -270,22 +270,22 @@ static void lut_rows_portable(const lut_job *j, int16_t *tables, int64_t g0, int
 /* rows m0 .. m0+R-1 of the block against the GR weight groups g .. g+GR-1 over the words of chunks
  * c0 .. c1-1 (a span: int16 sums of at most span_words(j) words, see lut_rows_avx512), widened and added
  * to the int32 sums kept in `out`, or, when the span is the whole row (first and last), scaled and
- * stored as the final floats at once. With GR = 2 each table is loaded once for two groups and each
+ * stored as the final floats at once. Each table is loaded once for GR groups (1, 2 or 4) and each
  * index word once for R rows. */
 TARGET_BW TQ_INLINE void lut_tile(const lut_job *j, int16_t *tables, int64_t m0, int64_t g, int64_t c0, int64_t c1,
                                   int first, int last, const int R, const int GR) {
     const tq_lut_args *a = j->a;
     const int64_t words = tq_lut_words(a->Kp);
-    __m512i acc[2][MR];
+    __m512i acc[4][MR];
     for (int gi = 0; gi < GR; gi++)
         for (int r = 0; r < R; r++) acc[gi][r] = _mm512_setzero_si512();
     for (int64_t c = c0; c < c1; c++) {
         const int64_t cq = chunk_start(words, c + 1) - chunk_start(words, c);
-        const uint16_t *w[2];
+        const uint16_t *w[4];
         for (int gi = 0; gi < GR; gi++) w[gi] = chunk_words(a->w, j->groups, words, c, g + gi);
         const int16_t *t = table_at(tables, j->mb, c, m0, 0);
         for (int64_t q = 0; q < cq; q++) {
-            __m512i i0[2], i1[2], i2[2];
+            __m512i i0[4], i1[4], i2[4];
             for (int gi = 0; gi < GR; gi++) {
                 if (R == MR && m0 == 0) /* the first full tile of a chunk reads the weights from DRAM */
                     _mm_prefetch((const char *)(w[gi] + q * TQ_LUT_ROWS) + PREFETCH_AHEAD, _MM_HINT_T1);
@@ -361,20 +361,32 @@ static inline int span_fits(const lut_job *j, int64_t words, int64_t c0, int64_t
     return 127 * (k1 - k0) <= 32767;
 }
 
+/* Tiles of MR rows (the last one 1..MR) by GR weight groups: GR = 2 lets a table load serve two
+ * groups; with one or two rows, whose tiles have few accumulator chains, GR = 4 (measured one thread,
+ * 256-column matrices: M = 1 GR 1 -> 2 -> 4 about 10% + 8%, M = 2 GR 2 -> 4 about 6%; four rows by
+ * four groups would not fit the 32 registers). */
 TARGET_BW TQ_INLINE void lut_span(const lut_job *j, int16_t *tables, int64_t g0, int64_t g1, int64_t c0, int64_t c1,
                                   int first, int last) {
     for (int64_t m = 0; m < j->mb; m += MR) {
+        const int64_t R = j->mb - m < MR ? j->mb - m : MR;
         int64_t g = g0;
-        for (; g + 2 <= g1; g += 2) { /* pairs of groups share the table loads */
-                switch (j->mb - m) {
-                case 1: lut_tile(j, tables, m, g, c0, c1, first, last, 1, 2); break;
-                case 2: lut_tile(j, tables, m, g, c0, c1, first, last, 2, 2); break;
-                case 3: lut_tile(j, tables, m, g, c0, c1, first, last, 3, 2); break;
-                default: lut_tile(j, tables, m, g, c0, c1, first, last, 4, 2); break;
-                }
+        if (R <= 2)
+            for (; g + 4 <= g1; g += 4) {
+                if (R == 1)
+                    lut_tile(j, tables, m, g, c0, c1, first, last, 1, 4);
+                else
+                    lut_tile(j, tables, m, g, c0, c1, first, last, 2, 4);
             }
+        for (; g + 2 <= g1; g += 2) {
+            switch (R) {
+            case 1: lut_tile(j, tables, m, g, c0, c1, first, last, 1, 2); break;
+            case 2: lut_tile(j, tables, m, g, c0, c1, first, last, 2, 2); break;
+            case 3: lut_tile(j, tables, m, g, c0, c1, first, last, 3, 2); break;
+            default: lut_tile(j, tables, m, g, c0, c1, first, last, 4, 2); break;
+            }
+        }
         for (; g < g1; g++) {
-            switch (j->mb - m) {
+            switch (R) {
             case 1: lut_tile(j, tables, m, g, c0, c1, first, last, 1, 1); break;
             case 2: lut_tile(j, tables, m, g, c0, c1, first, last, 2, 1); break;
             case 3: lut_tile(j, tables, m, g, c0, c1, first, last, 3, 1); break;

@@ -50,7 +50,9 @@ def scratch(rows, k):
 
 
 @pytest.mark.parametrize("layout", ["2bit", "lut"])
-@pytest.mark.parametrize("n,k", [(512, 256), (256, 768), (100, 300), (33, 1), (70, 520)])
+@pytest.mark.parametrize(
+    "n,k", [(512, 256), (256, 768), (100, 300), (33, 1), (70, 520), (200, 256), (230, 9)]
+)
 def test_batches_match_reference(kernel_path, threads, layout, n, k):
     rng = np.random.default_rng(n * 7 + k)
     x, packed, w_scale = problem(rng, 48, n, k)
