@@ -48,6 +48,20 @@ Paths and threads
     scheduler slices. Calls from several Python threads at once are safe (one of them uses the pool,
     the others run on their own thread). The LUT layout runs plain C when the path is "portable",
     else its AVX-512BW kernel. The pool is shared with floatops (task_pool.h).
+    bitlinear_into (the model's call) reads its arguments through the buffer protocol and checks them
+    in C, and releases the GIL once; with the LUT layout the rows are quantised inside the matmul's
+    own tasks, each by the thread that builds their tables, so a row holding NaN or infinity is
+    reported after the matmul (`out` then holds garbage).
+
+Small matrices (the default model: 512x256, 256x256, 1536x256, 256x768; benchmarks/kernels.py
+--models small). A call is 0.5-30 us, so fixed costs weigh: about 0.3 us of argument handling (1.0
+with typed memoryview arguments), quantisation about 40 ns a row of 256, the LUT tables 10-15% of a
+call with N = 256 (each table serves only N / 32 lookups). One thread, bitlinear_into, us per call
+at M = 1 / 4 / 16 / 32, LUT: 512x256 1.4 / 3.3 / 11.4 / 22; 256x256 1.0 / 2.2 / 7.0 / 13.5;
+1536x256 2.6 / 7.6 / 29 / 58; 256x768 2.0 / 5.4 / 20.6 / 39. The 2-bit (vpdpbusd) kernel takes
+1.6-1.7x the LUT's time at M = 1 and 0.9-1.6x at M >= 4: no table cost (it wins on 256x768), but its
+4x4 tiles end in horizontal sums that weigh when K is a single block. Two threads help from about
+M = 8 (M = 16: 1.5-1.8x when the second core is free).
 
 Speed on the development machine (AMD EPYC Zen 4, 3.6 GHz, 2 vCPUs shared with other jobs)
     Instruction throughput, one core, microbenchmark: vpdpbusd zmm 1.0/cycle (64 u8 x s8 multiply-adds),

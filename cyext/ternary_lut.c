@@ -30,6 +30,10 @@
  * the int32 sums of a chunk are added in the output array itself (its float32 slots hold int32 bits
  * until the final scaling pass). Rows run in blocks whose tables fit TABLE_BUDGET per thread.
  *
+ * Rows from the quantiser (bitlinear_into) hold no -128, which lets rows of K <= 258 be summed in
+ * int16 in one pass and stored as floats by the tiles themselves (span_fits); such calls also
+ * quantise their rows inside the tasks (tq_bitlinear_lut). Tiles are up to 4 rows by 4 weight groups.
+ *
  * Threads never share tables: lines written by one core and read by another travel between the cores
  * on every call (2 threads, M = 8, 2560 x 2560: a quarter of the time went to storing tables whose
  * lines the other core still held). With many rows, tasks are ranges of row tiles, each building the
