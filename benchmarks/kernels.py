@@ -3,6 +3,7 @@
     python benchmarks/kernels.py                     # 2B4T and 0.7B shapes, M = 1 8 32 128, threads 1 and 2
     python benchmarks/kernels.py --m 1,32 --threads 2 --seconds 0.5 --json /tmp/kernels.json
     python benchmarks/kernels.py --layout 2bit --threads 1 --clock cpu   # the 2-bit kernels instead
+    python benchmarks/kernels.py --models small --m 1,4,16,32 --stat p10  # the default model's matrices
 
 The ternary call is bitlinear_into with preallocated scratch (quantise + matmul, as the model runs
 it), on the weight layout the model would pick (--layout auto: the LUT layout on AVX-512BW CPUs).
@@ -33,6 +34,9 @@ import time
 SHAPES = {  # (N out, K in): the BitLinear matrices of each model
     "2B4T": [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)],
     "0.7B": [(1536, 1536), (4096, 1536), (1536, 4096)],
+    # the built-in default model (server/data/default-model.gguf): qkv, attn_output, gate_up, ffn_down,
+    # where per-call costs (argument checks, quantisation, tables, thread hand-off) weigh most
+    "small": [(512, 256), (256, 256), (1536, 256), (256, 768)],
 }
 COLD_BYTES = 96 << 20  # 3x a 32 MB L3: enough copies that each call finds its weights in DRAM
 

@@ -48,6 +48,20 @@ Paths and threads
     scheduler slices. Calls from several Python threads at once are safe (one of them uses the pool,
     the others run on their own thread). The LUT layout runs plain C when the path is "portable",
     else its AVX-512BW kernel. The pool is shared with floatops (task_pool.h).
+    bitlinear_into (the model's call) reads its arguments through the buffer protocol and checks them
+    in C, and releases the GIL once; with the LUT layout the rows are quantised inside the matmul's
+    own tasks, each by the thread that builds their tables, so a row holding NaN or infinity is
+    reported after the matmul (`out` then holds garbage).
+
+Small matrices (the default model: 512x256, 256x256, 1536x256, 256x768; benchmarks/kernels.py
+--models small). A call is 0.5-30 us, so fixed costs weigh: about 0.3 us of argument handling (1.0
+with typed memoryview arguments), quantisation about 40 ns a row of 256, the LUT tables 10-15% of a
+call with N = 256 (each table serves only N / 32 lookups). One thread, bitlinear_into, us per call
+at M = 1 / 4 / 16 / 32, LUT: 512x256 1.4 / 3.3 / 11.4 / 22; 256x256 1.0 / 2.2 / 7.0 / 13.5;
+1536x256 2.6 / 7.6 / 29 / 58; 256x768 2.0 / 5.4 / 20.6 / 39. The 2-bit (vpdpbusd) kernel takes
+1.6-1.7x the LUT's time at M = 1 and 0.9-1.6x at M >= 4: no table cost (it wins on 256x768), but its
+4x4 tiles end in horizontal sums that weigh when K is a single block. Two threads help from about
+M = 8 (M = 16: 1.5-1.8x when the second core is free).
 
 Speed on the development machine (AMD EPYC Zen 4, 3.6 GHz, 2 vCPUs shared with other jobs)
     Instruction throughput, one core, microbenchmark: vpdpbusd zmm 1.0/cycle (64 u8 x s8 multiply-adds),
@@ -69,11 +83,23 @@ Speed on the development machine (AMD EPYC Zen 4, 3.6 GHz, 2 vCPUs shared with o
 """
 
 import os
+import sys
 
 import numpy as np
 
+from cpython.buffer cimport (PyBUF_RECORDS, PyBUF_RECORDS_RO, PyBUF_STRIDES, PyBUF_WRITABLE, PyBuffer_Release,
+                             PyObject_GetBuffer)
 from cpython.pycapsule cimport PyCapsule_New
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t
+
+
+cdef extern from *:
+    """
+    static inline void _buffer_clear(Py_buffer *v) { v->obj = NULL; }
+    static inline int _buffer_held(const Py_buffer *v) { return v->obj != NULL; }
+    """
+    void _buffer_clear(Py_buffer *v) noexcept
+    bint _buffer_held(const Py_buffer *v) noexcept
 
 
 cdef extern from "task_pool.h" nogil:
@@ -126,6 +152,16 @@ cdef extern from "ternary_kernels.h" nogil:
         int64_t M
         int64_t N
         int64_t Kp
+    ctypedef int (*tq_quantize_row_fn)(const float *row, int64_t K, int64_t Kp, int8_t *q, float *scale,
+                                       int32_t *sum)
+    tq_quantize_row_fn tq_quantize_row_fn_for(int path)
+    ctypedef struct tq_lut_quantize:
+        const float *x
+        int64_t x_stride
+        int64_t K
+        int32_t *x_sum
+        tq_quantize_row_fn row_fn
+    int64_t tq_bitlinear_lut(const tq_lut_args *a, const tq_lut_quantize *quant, int simd, int n_threads)
     int64_t tq_pack_lut(const uint8_t *packed, int64_t N, int64_t Kp, uint16_t *lut, int n_threads)
     int tq_lut_simd_available()
     int tq_gemm_lut(const tq_lut_args *a, int simd, int n_threads)
@@ -552,54 +588,197 @@ cdef inline bint _rows_contiguous(Py_ssize_t cols, Py_ssize_t inner_stride, Py_s
     return cols <= 1 or inner_stride == itemsize
 
 
-def bitlinear_into(const float[:, :] x, weights, const float[::1] w_scale, int8_t[:, :] xq, float[::1] x_scale,
-                   int32_t[::1] x_sum, float[:, :] out) -> None:
+cdef inline int64_t _lut_size_c(int64_t n, int64_t kp) noexcept:
+    return (n + TQ_LUT_ROWS - 1) // TQ_LUT_ROWS * ((kp + 8) // 9) * TQ_LUT_ROWS
+
+
+cdef const char *_FORMAT_B = "B"  # a buffer without a format holds unsigned bytes
+cdef char _NATIVE_ORDER = b"<"[0] if sys.byteorder == "little" else b">"[0]
+
+
+cdef int _acquire(object obj, Py_buffer *view, const char *name, bint writable) except -1:
+    """view = obj's buffer with strides and format (the caller releases it once view.obj is set)."""
+    try:
+        PyObject_GetBuffer(obj, view, PyBUF_RECORDS if writable else PyBUF_RECORDS_RO)
+    except Exception as e:
+        what = "a writeable buffer" if writable else "a buffer"
+        raise ValueError(f"{name.decode()} must be {what} ({e})") from None
+    return 0
+
+
+cdef int _check_buffer(Py_buffer *view, const char *name, char code, Py_ssize_t itemsize, int ndim) except -1:
+    """The buffer must hold `ndim`-D items of struct code `code` in native byte order."""
+    cdef const char *f = view.format
+    if f == NULL:
+        f = _FORMAT_B
+    if f[0] == b"@"[0] or f[0] == b"="[0] or f[0] == _NATIVE_ORDER:
+        f += 1
+    if f[0] != code or f[1] != 0 or view.itemsize != itemsize or view.ndim != ndim:
+        fmt = view.format.decode() if view.format != NULL else "B"
+        raise ValueError(
+            f"{name.decode()} must be {ndim}-D with items of type {chr(code)!r}, got {view.ndim}-D of {fmt!r}"
+        )
+    return 0
+
+
+cdef object _NDARRAY = np.ndarray
+cdef object _DT_F32 = np.dtype(np.float32)
+cdef object _DT_I8 = np.dtype(np.int8)
+cdef object _DT_I32 = np.dtype(np.int32)
+cdef object _DT_U8 = np.dtype(np.uint8)
+cdef object _DT_U16 = np.dtype(np.uint16)
+
+
+cdef inline int _get_buffer(object obj, Py_buffer *view, const char *name, char code, Py_ssize_t itemsize, int ndim,
+                            bint writable, object dtype) except -1:
+    """view = obj's buffer, checked. A numpy array of exactly `dtype` (the builtin descriptor: native
+    byte order) skips the format string, which numpy rebuilds and compares on every export."""
+    if type(obj) is _NDARRAY and (<object>obj).dtype is dtype:
+        try:
+            PyObject_GetBuffer(obj, view, PyBUF_STRIDES | PyBUF_WRITABLE if writable else PyBUF_STRIDES)
+        except Exception as e:
+            what = "a writeable buffer" if writable else "a buffer"
+            raise ValueError(f"{name.decode()} must be {what} ({e})") from None
+        if view.ndim != ndim:
+            raise ValueError(f"{name.decode()} must be {ndim}-D, got {view.ndim}-D")
+        return 0
+    _acquire(obj, view, name, writable)
+    return _check_buffer(view, name, code, itemsize, ndim)
+
+
+def bitlinear_into(x, weights, w_scale, xq, x_scale, x_sum, out) -> None:
     """out = bitlinear(x, weights, w_scale), quantising into caller-owned scratch; allocates nothing.
 
-    The per-projection entry of the forward pass: one call, typed arguments, checks in C, so the
-    Python overhead is a small fraction of bitlinear()'s. weights: packed uint8 [N, Kp // 4] or the
-    LUT layout (pack_lut). Scratch may be larger than this call needs (one set serves every
-    projection): the leading M rows and padded_k(K) columns of xq, and the leading M entries of
-    x_scale and x_sum, are overwritten. Rows of x, xq, packed and out must be contiguous (row strides
-    are free).
+    The per-projection entry of the forward pass: one call, checks in C on the arguments' buffers (no
+    memoryview objects, no Python-level calls), one release of the GIL for quantisation and matmul.
+    x float32 [M, K]; weights: packed uint8 [N, Kp // 4] or the LUT layout (pack_lut, uint16, 1-D);
+    w_scale float32 [N]. Scratch may be larger than this call needs (one set serves every
+    projection): the leading M rows and padded_k(K) columns of xq (int8), and the leading M entries
+    of x_scale (float32) and x_sum (int32), are overwritten. out float32 [M, N]. Rows of x, xq,
+    packed and out must be contiguous (row strides are free); w_scale, x_scale and x_sum contiguous.
     """
-    cdef int64_t M = x.shape[0], K = x.shape[1], N = w_scale.shape[0]
-    cdef int64_t Kp = (K + BLOCK - 1) // BLOCK * BLOCK
-    cdef const uint8_t[:, :] packed
-    cdef const uint16_t[::1] lut
-    cdef bint is_lut = getattr(weights, "ndim", 2) == 1
-    if is_lut:
-        lut = weights
-        if lut.shape[0] != lut_size(N, Kp):
-            raise ValueError(f"LUT weights for {N} rows of {Kp} must have {lut_size(N, Kp)} words, got {lut.shape[0]}")
+    cdef Py_buffer views[7]
+    cdef int i
+    for i in range(7):
+        _buffer_clear(&views[i])
+    try:
+        _bitlinear_into(x, weights, w_scale, xq, x_scale, x_sum, out, &views[0], &views[1], &views[2], &views[3],
+                        &views[4], &views[5], &views[6])
+    finally:
+        for i in range(7):
+            _release(&views[i])
+
+
+cdef inline void _release(Py_buffer *view) noexcept:
+    if _buffer_held(view):
+        PyBuffer_Release(view)
+
+
+cdef int _bitlinear_into(x, weights, w_scale, xq, x_scale, x_sum, out, Py_buffer *bx, Py_buffer *bw,
+                         Py_buffer *bs, Py_buffer *bq, Py_buffer *bxs, Py_buffer *bxt, Py_buffer *bo) except -1:
+    _get_buffer(x, bx, b"x", b"f"[0], 4, 2, False, _DT_F32)
+    cdef bint is_lut
+    wdt = (<object>weights).dtype if type(weights) is _NDARRAY else None
+    if wdt is _DT_U16 or wdt is _DT_U8:
+        is_lut = wdt is _DT_U16
+        _get_buffer(weights, bw, b"LUT weights" if is_lut else b"packed", b"H"[0] if is_lut else b"B"[0],
+                    2 if is_lut else 1, 1 if is_lut else 2, False, wdt)
     else:
-        packed = weights
-        if packed.shape[1] * 4 != Kp:
-            raise ValueError(f"shape mismatch: x has {K} columns but packed rows hold {packed.shape[1] * 4} weights")
-        if packed.shape[0] != N:
-            raise ValueError(f"w_scale must have length {packed.shape[0]}, got {N}")
-        if not _rows_contiguous(Kp // 4, packed.strides[1], 1):
+        _acquire(weights, bw, b"weights", False)
+        is_lut = bw.ndim == 1
+        if is_lut:
+            _check_buffer(bw, b"LUT weights", b"H"[0], 2, 1)
+        else:
+            _check_buffer(bw, b"packed", b"B"[0], 1, 2)
+    _get_buffer(w_scale, bs, b"w_scale", b"f"[0], 4, 1, False, _DT_F32)
+    _get_buffer(xq, bq, b"xq", b"b"[0], 1, 2, True, _DT_I8)
+    _get_buffer(x_scale, bxs, b"x_scale", b"f"[0], 4, 1, True, _DT_F32)
+    _get_buffer(x_sum, bxt, b"x_sum", b"i"[0], 4, 1, True, _DT_I32)
+    _get_buffer(out, bo, b"out", b"f"[0], 4, 2, True, _DT_F32)
+    cdef int64_t M = bx.shape[0], K = bx.shape[1], N = bs.shape[0]
+    cdef int64_t Kp = (K + BLOCK - 1) // BLOCK * BLOCK
+    if is_lut:
+        if bw.shape[0] != _lut_size_c(N, Kp):
+            raise ValueError(
+                f"LUT weights for {N} rows of {Kp} must have {_lut_size_c(N, Kp)} words, got {bw.shape[0]}"
+            )
+        if bw.shape[0] > 1 and bw.strides[0] != 2:
+            raise ValueError("LUT weights must be contiguous")
+    else:
+        if bw.shape[1] * 4 != Kp:
+            raise ValueError(f"shape mismatch: x has {K} columns but packed rows hold {bw.shape[1] * 4} weights")
+        if bw.shape[0] != N:
+            raise ValueError(f"w_scale must have length {bw.shape[0]}, got {N}")
+        if not _rows_contiguous(Kp // 4, bw.strides[1], 1):
             raise ValueError("rows of x, xq, packed and out must be contiguous")
     if Kp > MAX_K:
         raise ValueError(f"K = {K} exceeds the supported maximum {MAX_K}")
-    if out.shape[0] != M or out.shape[1] != N:
-        raise ValueError(f"out must have shape ({M}, {N}), got ({out.shape[0]}, {out.shape[1]})")
-    if xq.shape[0] < M or xq.shape[1] < Kp or x_scale.shape[0] < M or x_sum.shape[0] < M:
+    if bo.shape[0] != M or bo.shape[1] != N:
+        raise ValueError(f"out must have shape ({M}, {N}), got ({bo.shape[0]}, {bo.shape[1]})")
+    if bq.shape[0] < M or bq.shape[1] < Kp or bxs.shape[0] < M or bxt.shape[0] < M:
         raise ValueError(
-            f"scratch too small for {M} rows of {Kp}: xq ({xq.shape[0]}, {xq.shape[1]}), "
-            f"x_scale ({x_scale.shape[0]},), x_sum ({x_sum.shape[0]},)"
+            f"scratch too small for {M} rows of {Kp}: xq ({bq.shape[0]}, {bq.shape[1]}), "
+            f"x_scale ({bxs.shape[0]},), x_sum ({bxt.shape[0]},)"
         )
-    if not (_rows_contiguous(K, x.strides[1], 4) and _rows_contiguous(Kp, xq.strides[1], 1)
-            and _rows_contiguous(N, out.strides[1], 4)):
+    if not (_rows_contiguous(K, bx.strides[1], 4) and _rows_contiguous(Kp, bq.strides[1], 1)
+            and _rows_contiguous(N, bo.strides[1], 4)):
         raise ValueError("rows of x, xq, packed and out must be contiguous")
-    if x.strides[0] % 4 or out.strides[0] % 4:
+    if (N > 1 and bs.strides[0] != 4) or (M > 1 and (bxs.strides[0] != 4 or bxt.strides[0] != 4)):
+        raise ValueError("w_scale, x_scale and x_sum must be contiguous")
+    if bx.strides[0] % 4 or bo.strides[0] % 4:
         raise ValueError("row strides of x and out must be multiples of 4 bytes")
-    if (M > 1 and xq.strides[0] < Kp) or (M > 1 and out.strides[0] < N * 4):
+    if (M > 1 and bq.strides[0] < Kp) or (M > 1 and bo.strides[0] < N * 4):
         raise ValueError("rows of xq or out overlap")
     if M == 0 or N == 0:
-        return
-    _quantize_views(x, xq, x_scale, x_sum, M, K, Kp)
+        return 0
+    cdef tq_gemm_args g
+    cdef tq_lut_args l
+    cdef tq_lut_quantize lq
+    cdef int path = _path, nt = _num_threads, status = 0
+    cdef int64_t bad
+    cdef int8_t *q = <int8_t *>bq.buf
+    cdef float *xs = <float *>bxs.buf
+    cdef int32_t *xt = <int32_t *>bxt.buf
     if is_lut:
-        _gemm_lut(xq, x_scale, lut, w_scale, out, M, Kp)
+        l.M = M
+        l.N = N
+        l.Kp = Kp
+        l.xq = q
+        l.x_stride = bq.strides[0]
+        l.x_scale = xs
+        l.w = <const uint16_t *>bw.buf
+        l.w_scale = <const float *>bs.buf
+        l.out = <float *>bo.buf
+        l.out_stride = bo.strides[0] // 4
+        lq.x = <const float *>bx.buf
+        lq.x_stride = bx.strides[0] // 4
+        lq.K = K
+        lq.x_sum = xt
+        lq.row_fn = tq_quantize_row_fn_for(path)
     else:
-        _gemm(xq, x_scale, x_sum, packed, w_scale, out, M, Kp)
+        g.M = M
+        g.N = N
+        g.n_blocks = Kp // BLOCK
+        g.xq = q
+        g.x_stride = bq.strides[0]
+        g.x_scale = xs
+        g.x_sum = xt
+        g.w = <const uint8_t *>bw.buf
+        g.w_stride = bw.strides[0]
+        g.w_scale = <const float *>bs.buf
+        g.out = <float *>bo.buf
+        g.out_stride = bo.strides[0] // 4
+    with nogil:
+        if is_lut:  # quantised inside the matmul's tasks, by the threads that use the rows
+            bad = tq_bitlinear_lut(&l, &lq, path != TQ_PATH_PORTABLE, nt)
+            status = bad == -2
+        else:
+            bad = tq_quantize_rows(<const float *>bx.buf, bx.strides[0] // 4, M, K, Kp, q, bq.strides[0], xs, xt,
+                                   path, nt)
+            if bad < 0:
+                tq_gemm(&g, path, nt)
+    if status != 0:
+        raise MemoryError("no memory for the lookup tables of the LUT kernel")
+    if bad >= 0:
+        raise ValueError(f"x row {bad} contains NaN or infinity")
+    return 0

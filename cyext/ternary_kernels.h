@@ -98,6 +98,18 @@ int64_t tq_pack_lut(const uint8_t *packed, int64_t N, int64_t Kp, uint16_t *lut,
 int tq_lut_simd_available(void);
 /* simd = 0 forces plain C. Returns -1 if the table buffer cannot be allocated, else 0. */
 int tq_gemm_lut(const tq_lut_args *a, int simd, int n_threads);
+/* The float input of a bitlinear call, quantised into a->xq / a->x_scale inside the matmul's own tasks
+ * (each thread quantises the rows whose tables it builds), with the row function of a kernel path. */
+typedef struct {
+    const float *x; /* [M, K] */
+    int64_t x_stride; /* in floats */
+    int64_t K;
+    int32_t *x_sum; /* [M] */
+    tq_quantize_row_fn row_fn;
+} tq_lut_quantize;
+/* Quantise (if quant is not NULL) and multiply. Returns -1 on success, -2 if the table buffer cannot be
+ * allocated, else the first row holding NaN or infinity (out then holds garbage). */
+int64_t tq_bitlinear_lut(const tq_lut_args *a, const tq_lut_quantize *quant, int simd, int n_threads);
 
 /* ternary_x86.c: compiled only on x86-64, each function with its own target attribute. */
 #if defined(__x86_64__)

@@ -30,6 +30,10 @@
  * the int32 sums of a chunk are added in the output array itself (its float32 slots hold int32 bits
  * until the final scaling pass). Rows run in blocks whose tables fit TABLE_BUDGET per thread.
  *
+ * Rows from the quantiser (bitlinear_into) hold no -128, which lets rows of K <= 258 be summed in
+ * int16 in one pass and stored as floats by the tiles themselves (span_fits); such calls also
+ * quantise their rows inside the tasks (tq_bitlinear_lut). Tiles are up to 4 rows by 4 weight groups.
+ *
  * Threads never share tables: lines written by one core and read by another travel between the cores
  * on every call (2 threads, M = 8, 2560 x 2560: a quarter of the time went to storing tables whose
  * lines the other core still held). With many rows, tasks are ranges of row tiles, each building the
@@ -193,7 +197,24 @@ typedef struct {
     int64_t table_stride, m0, mb, groups, tasks;
     int simd, split_rows; /* split_rows: tasks are ranges of row tiles, else of weight groups */
     unsigned char built[TQ_MAX_THREADS]; /* built[t]: thread t's tables hold this block's rows */
+    const tq_lut_quantize *quant;        /* not NULL: split_rows tasks quantise their own rows first */
+    _Atomic int64_t bad_row;             /* lowest row a task found holding NaN or infinity */
 } lut_job;
+
+/* Quantise rows m0 .. m1-1 of the float input into a->xq (the activations of the matmul). */
+static void quantize_rows(lut_job *j, int64_t m0, int64_t m1) {
+    const tq_lut_quantize *qz = j->quant;
+    const tq_lut_args *a = j->a;
+    for (int64_t m = m0; m < m1; m++) {
+        if (qz->row_fn(qz->x + m * qz->x_stride, qz->K, a->Kp, (int8_t *)a->xq + m * a->x_stride,
+                       (float *)a->x_scale + m, qz->x_sum + m)) {
+            int64_t cur = atomic_load_explicit(&j->bad_row, memory_order_relaxed);
+            while (m < cur && !atomic_compare_exchange_weak_explicit(&j->bad_row, &cur, m, memory_order_relaxed,
+                                                                     memory_order_relaxed)) {
+            }
+        }
+    }
+}
 
 /* The tables of rows m0 .. m0+mb-1 into one thread's region. */
 static void build_tables(const lut_job *j, int16_t *tables) {
@@ -250,40 +271,70 @@ static void lut_rows_portable(const lut_job *j, int16_t *tables, int64_t g0, int
  * prefetch on one-row tiles cost M = 1 about 10%. */
 #define PREFETCH_AHEAD 4096
 
-/* rows m0 .. m0+R-1 of the block against weight group g over the cq words of chunk c: int16 sums (at
- * most 84 lookups), widened and added to the int32 sums kept in `out`. */
-TARGET_BW TQ_INLINE void lut_tile(const lut_job *j, int16_t *tables, int64_t m0, int64_t g, int64_t c, int64_t cq,
-                                  int first, const int R) {
+/* rows m0 .. m0+R-1 of the block against the GR weight groups g .. g+GR-1 over the words of chunks
+ * c0 .. c1-1 (a span: int16 sums of at most span_words(j) words, see lut_rows_avx512), widened and added
+ * to the int32 sums kept in `out`, or, when the span is the whole row (first and last), scaled and
+ * stored as the final floats at once. Each table is loaded once for GR groups (1, 2 or 4) and each
+ * index word once for R rows. */
+TARGET_BW TQ_INLINE void lut_tile(const lut_job *j, int16_t *tables, int64_t m0, int64_t g, int64_t c0, int64_t c1,
+                                  int first, int last, const int R, const int GR) {
     const tq_lut_args *a = j->a;
-    const uint16_t *w = chunk_words(a->w, j->groups, tq_lut_words(a->Kp), c, g);
-    const int16_t *t = table_at(tables, j->mb, c, m0, 0);
-    __m512i acc[MR];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();
-    for (int64_t q = 0; q < cq; q++) {
-        if (R == MR && m0 == 0) /* the first full tile of a chunk reads the weights from DRAM */
-            _mm_prefetch((const char *)(w + q * TQ_LUT_ROWS) + PREFETCH_AHEAD, _MM_HINT_T1);
-        __m512i i0 = _mm512_loadu_si512(w + q * TQ_LUT_ROWS);
-        __m512i i1 = _mm512_srli_epi16(i0, 5), i2 = _mm512_srli_epi16(i0, 10);
-        for (int r = 0; r < R; r++) {
-            const int16_t *tr = t + (r * CHUNK_GROUPS + 3 * q) * 32;
-            acc[r] = _mm512_add_epi16(acc[r], _mm512_permutexvar_epi16(i0, _mm512_loadu_si512(tr)));
-            acc[r] = _mm512_add_epi16(acc[r], _mm512_permutexvar_epi16(i1, _mm512_loadu_si512(tr + 32)));
-            acc[r] = _mm512_add_epi16(acc[r], _mm512_permutexvar_epi16(i2, _mm512_loadu_si512(tr + 64)));
+    const int64_t words = tq_lut_words(a->Kp);
+    __m512i acc[4][MR];
+    for (int gi = 0; gi < GR; gi++)
+        for (int r = 0; r < R; r++) acc[gi][r] = _mm512_setzero_si512();
+    for (int64_t c = c0; c < c1; c++) {
+        const int64_t cq = chunk_start(words, c + 1) - chunk_start(words, c);
+        const uint16_t *w[4];
+        for (int gi = 0; gi < GR; gi++) w[gi] = chunk_words(a->w, j->groups, words, c, g + gi);
+        const int16_t *t = table_at(tables, j->mb, c, m0, 0);
+        for (int64_t q = 0; q < cq; q++) {
+            __m512i i0[4], i1[4], i2[4];
+            for (int gi = 0; gi < GR; gi++) {
+                if (R == MR && m0 == 0) /* the first full tile of a chunk reads the weights from DRAM */
+                    _mm_prefetch((const char *)(w[gi] + q * TQ_LUT_ROWS) + PREFETCH_AHEAD, _MM_HINT_T1);
+                i0[gi] = _mm512_loadu_si512(w[gi] + q * TQ_LUT_ROWS);
+                i1[gi] = _mm512_srli_epi16(i0[gi], 5);
+                i2[gi] = _mm512_srli_epi16(i0[gi], 10);
+            }
+            for (int r = 0; r < R; r++) {
+                const int16_t *tr = t + (r * CHUNK_GROUPS + 3 * q) * 32;
+                __m512i t0 = _mm512_loadu_si512(tr), t1 = _mm512_loadu_si512(tr + 32);
+                __m512i t2 = _mm512_loadu_si512(tr + 64);
+                for (int gi = 0; gi < GR; gi++) {
+                    acc[gi][r] = _mm512_add_epi16(acc[gi][r], _mm512_permutexvar_epi16(i0[gi], t0));
+                    acc[gi][r] = _mm512_add_epi16(acc[gi][r], _mm512_permutexvar_epi16(i1[gi], t1));
+                    acc[gi][r] = _mm512_add_epi16(acc[gi][r], _mm512_permutexvar_epi16(i2[gi], t2));
+                }
+            }
         }
     }
-    int64_t n0 = g * TQ_LUT_ROWS, valid = a->N - n0 < TQ_LUT_ROWS ? a->N - n0 : TQ_LUT_ROWS;
-    __mmask16 lo = (__mmask16)(valid >= 16 ? 0xffff : (1u << valid) - 1);
-    __mmask16 hi = (__mmask16)(valid >= 32 ? 0xffff : valid <= 16 ? 0 : (1u << (valid - 16)) - 1);
-    for (int r = 0; r < R; r++) {
-        int32_t *o = (int32_t *)(a->out + (j->m0 + m0 + r) * a->out_stride + n0);
-        __m512i s0 = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(acc[r]));
-        __m512i s1 = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(acc[r], 1));
-        if (!first) {
-            s0 = _mm512_add_epi32(s0, _mm512_maskz_loadu_epi32(lo, o));
-            s1 = _mm512_add_epi32(s1, _mm512_maskz_loadu_epi32(hi, o + 16));
+    for (int gi = 0; gi < GR; gi++) {
+        int64_t n0 = (g + gi) * TQ_LUT_ROWS, valid = a->N - n0 < TQ_LUT_ROWS ? a->N - n0 : TQ_LUT_ROWS;
+        __mmask16 lo = (__mmask16)(valid >= 16 ? 0xffff : (1u << valid) - 1);
+        __mmask16 hi = (__mmask16)(valid >= 32 ? 0xffff : valid <= 16 ? 0 : (1u << (valid - 16)) - 1);
+        for (int r = 0; r < R; r++) {
+            const int64_t m = j->m0 + m0 + r;
+            int32_t *o = (int32_t *)(a->out + m * a->out_stride + n0);
+            __m512i s0 = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(acc[gi][r]));
+            __m512i s1 = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(acc[gi][r], 1));
+            if (first && last) { /* the same IEEE operations as finish_rows */
+                const __m512 xs = _mm512_set1_ps(a->x_scale[m]);
+                __m512 f0 = _mm512_div_ps(_mm512_cvtepi32_ps(s0), xs);
+                __m512 f1 = _mm512_div_ps(_mm512_cvtepi32_ps(s1), xs);
+                f0 = _mm512_mul_ps(f0, _mm512_maskz_loadu_ps(lo, a->w_scale + n0));
+                f1 = _mm512_mul_ps(f1, _mm512_maskz_loadu_ps(hi, a->w_scale + n0 + 16));
+                _mm512_mask_storeu_ps(a->out + m * a->out_stride + n0, lo, f0);
+                _mm512_mask_storeu_ps(a->out + m * a->out_stride + n0 + 16, hi, f1);
+                continue;
+            }
+            if (!first) {
+                s0 = _mm512_add_epi32(s0, _mm512_maskz_loadu_epi32(lo, o));
+                s1 = _mm512_add_epi32(s1, _mm512_maskz_loadu_epi32(hi, o + 16));
+            }
+            _mm512_mask_storeu_epi32(o, lo, s0);
+            _mm512_mask_storeu_epi32(o + 16, hi, s1);
         }
-        _mm512_mask_storeu_epi32(o, lo, s0);
-        _mm512_mask_storeu_epi32(o + 16, hi, s1);
     }
 }
 
@@ -300,24 +351,70 @@ TARGET_BW static void finish_rows(const tq_lut_args *a, int64_t m, int64_t n0, i
     }
 }
 
+/* Whether chunks c0 .. c1-1 can be summed in int16 in one pass. A lookup is at most 3 * 128 in
+ * magnitude, so one chunk (at most TQ_LUT_CHUNK = 28 words, 84 lookups: 32256) is safe for any int8
+ * rows. Rows from the quantiser never hold -128 (|x| * (127 / max|x|) rounds to at most 127), and the
+ * activations past Kp are zero, so a span covering at most 258 activations of the row (258 * 127 =
+ * 32766) is safe too: with K <= 258 the whole row is one pass, and the tiles store the final floats
+ * without int32 partial sums in `out` (measured: 256-column matrices, M = 16, about 10% faster). */
+static inline int span_fits(const lut_job *j, int64_t words, int64_t c0, int64_t c1) {
+    if (c1 == c0 + 1) return 1;
+    if (!j->quant) return 0;
+    int64_t k0 = 9 * chunk_start(words, c0), k1 = 9 * chunk_start(words, c1);
+    if (k1 > j->a->Kp) k1 = j->a->Kp;
+    return 127 * (k1 - k0) <= 32767;
+}
+
+/* Tiles of MR rows (the last one 1..MR) by GR = 4 weight groups, then 2 and 1 for the rest: a table
+ * load and the loop overhead serve several groups, and few rows still get several accumulator chains.
+ * Measured one thread, the default model's matrices: against GR = 1, GR = 2 gave M = 1 about 10% and
+ * M = 16 about 5%; GR = 4 then M = 1 5-14%, M = 2-3 4-16%, M = 4-16 1-11% more. */
+TARGET_BW TQ_INLINE void lut_span(const lut_job *j, int16_t *tables, int64_t g0, int64_t g1, int64_t c0, int64_t c1,
+                                  int first, int last) {
+    for (int64_t m = 0; m < j->mb; m += MR) {
+        const int64_t R = j->mb - m < MR ? j->mb - m : MR;
+        int64_t g = g0;
+        for (; g + 4 <= g1; g += 4) {
+            switch (R) {
+            case 1: lut_tile(j, tables, m, g, c0, c1, first, last, 1, 4); break;
+            case 2: lut_tile(j, tables, m, g, c0, c1, first, last, 2, 4); break;
+            case 3: lut_tile(j, tables, m, g, c0, c1, first, last, 3, 4); break;
+            default: lut_tile(j, tables, m, g, c0, c1, first, last, 4, 4); break;
+            }
+        }
+        for (; g + 2 <= g1; g += 2) {
+            switch (R) {
+            case 1: lut_tile(j, tables, m, g, c0, c1, first, last, 1, 2); break;
+            case 2: lut_tile(j, tables, m, g, c0, c1, first, last, 2, 2); break;
+            case 3: lut_tile(j, tables, m, g, c0, c1, first, last, 3, 2); break;
+            default: lut_tile(j, tables, m, g, c0, c1, first, last, 4, 2); break;
+            }
+        }
+        for (; g < g1; g++) {
+            switch (R) {
+            case 1: lut_tile(j, tables, m, g, c0, c1, first, last, 1, 1); break;
+            case 2: lut_tile(j, tables, m, g, c0, c1, first, last, 2, 1); break;
+            case 3: lut_tile(j, tables, m, g, c0, c1, first, last, 3, 1); break;
+            default: lut_tile(j, tables, m, g, c0, c1, first, last, 4, 1); break;
+            }
+        }
+    }
+}
+
 TARGET_BW static void lut_rows_avx512(const lut_job *j, int16_t *tables, int64_t g0, int64_t g1) {
     const tq_lut_args *a = j->a;
-    const int64_t words = tq_lut_words(a->Kp);
+    const int64_t words = tq_lut_words(a->Kp), chunks = n_chunks(words);
     int64_t n0 = g0 * TQ_LUT_ROWS, n1 = g1 * TQ_LUT_ROWS < a->N ? g1 * TQ_LUT_ROWS : a->N;
     if (words == 0) /* K = 0: every dot product is 0 */
         for (int64_t m = 0; m < j->mb; m++) memset(a->out + (j->m0 + m) * a->out_stride + n0, 0, (size_t)(n1 - n0) * 4);
-    for (int64_t c = 0; c < n_chunks(words); c++) {
-        int64_t cq = chunk_start(words, c + 1) - chunk_start(words, c);
-        for (int64_t m = 0; m < j->mb; m += MR) {
-            for (int64_t g = g0; g < g1; g++) {
-                switch (j->mb - m) {
-                case 1: lut_tile(j, tables, m, g, c, cq, c == 0, 1); break;
-                case 2: lut_tile(j, tables, m, g, c, cq, c == 0, 2); break;
-                case 3: lut_tile(j, tables, m, g, c, cq, c == 0, 3); break;
-                default: lut_tile(j, tables, m, g, c, cq, c == 0, 4); break;
-                }
-            }
+    for (int64_t c0 = 0, c1; c0 < chunks; c0 = c1) {
+        for (c1 = c0 + 1; c1 < chunks && span_fits(j, words, c0, c1 + 1); c1++) {
         }
+        if (c0 == 0 && c1 == chunks) { /* one span: the tiles store the final floats */
+            lut_span(j, tables, g0, g1, c0, c1, 1, 1);
+            return;
+        }
+        lut_span(j, tables, g0, g1, c0, c1, c0 == 0, 0);
     }
     for (int64_t m = 0; m < j->mb; m++) finish_rows(a, j->m0 + m, n0, n1);
 }
@@ -342,6 +439,7 @@ static void lut_task(void *ctx, int64_t i, int thread) {
         lut_job rows = *j;
         rows.m0 = j->m0 + t0 * MR;
         rows.mb = (t1 * MR < j->mb ? t1 * MR : j->mb) - t0 * MR;
+        if (j->quant) quantize_rows(j, rows.m0, rows.m0 + rows.mb);
         build_tables(&rows, tables);
         lut_run(&rows, tables, 0, j->groups);
         return;
@@ -395,7 +493,12 @@ int tq_lut_simd_available(void) {
 #define TASKS_PER_THREAD 2
 
 int tq_gemm_lut(const tq_lut_args *a, int simd, int n_threads) {
-    if (a->M == 0 || a->N == 0) return 0;
+    int64_t r = tq_bitlinear_lut(a, NULL, simd, n_threads);
+    return r == -2 ? -1 : 0;
+}
+
+int64_t tq_bitlinear_lut(const tq_lut_args *a, const tq_lut_quantize *quant, int simd, int n_threads) {
+    if (a->M == 0 || a->N == 0) return -1;
     simd = simd && tq_lut_simd_available();
     const int64_t words = tq_lut_words(a->Kp), chunks = n_chunks(words);
     const int64_t row_bytes = chunks * CHUNK_GROUPS * TABLE_BYTES;
@@ -408,13 +511,15 @@ int tq_gemm_lut(const tq_lut_args *a, int simd, int n_threads) {
     if (threads > TQ_MAX_THREADS) threads = TQ_MAX_THREADS;
     const int64_t stride = (block * row_bytes > 0 ? block * row_bytes : 64) / 2; /* int16 entries */
     int16_t *tables = thread_tables((size_t)(threads * stride * 2));
-    if (!tables) return -1;
+    if (!tables) return -2;
     lut_job j;
     j.a = a;
     j.tables = tables;
     j.table_stride = stride;
     j.groups = groups;
     j.simd = simd;
+    j.quant = quant;
+    atomic_init(&j.bad_row, INT64_MAX);
     for (int64_t m0 = 0; m0 < a->M; m0 += block) {
         j.m0 = m0;
         j.mb = a->M - m0 < block ? a->M - m0 : block;
@@ -424,7 +529,10 @@ int tq_gemm_lut(const tq_lut_args *a, int simd, int n_threads) {
         int64_t units = j.split_rows ? tiles : groups;
         j.tasks = parts < units ? parts : units;
         memset(j.built, 0, sizeof j.built);
+        /* tasks split by groups all read every row of the block: quantise them first */
+        if (quant && !j.split_rows) quantize_rows(&j, m0, m0 + j.mb);
         tq_parallel(j.tasks, lut_task, &j, threads);
     }
-    return 0;
+    int64_t bad = atomic_load_explicit(&j.bad_row, memory_order_relaxed);
+    return bad == INT64_MAX ? -1 : bad;
 }

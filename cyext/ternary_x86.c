@@ -193,7 +193,15 @@ TARGET_VNNI TQ_INLINE __m128i hsum4_512(__m512i v0, __m512i v1, __m512i v2, __m5
     return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
+/* Four finished dot products at once: lane by lane the IEEE operations of tq_store (a scalar division
+ * per output cost as much as a 4x4 tile's multiply-adds when K is one block). */
 TARGET_VNNI TQ_INLINE void store_row_sums(const tq_gemm_args *a, int64_t m, int64_t n0, int NR, __m128i sums) {
+    if (NR == 4) {
+        __m128 v = _mm_cvtepi32_ps(_mm_sub_epi32(sums, _mm_set1_epi32(a->x_sum[m])));
+        v = _mm_mul_ps(_mm_div_ps(v, _mm_set1_ps(a->x_scale[m])), _mm_loadu_ps(a->w_scale + n0));
+        _mm_storeu_ps(a->out + m * a->out_stride + n0, v);
+        return;
+    }
     int32_t s[4];
     _mm_storeu_si128((__m128i *)s, sums);
     for (int r = 0; r < NR; r++) tq_store(a, m, n0 + r, s[r]);
