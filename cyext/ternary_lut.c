@@ -53,6 +53,12 @@
 #define TABLE_BYTES 64                  /* 32 int16 entries, 27 used */
 #define TABLE_BUDGET (2 << 20)          /* bytes of tables per thread and row block */
 #define MR 4                            /* activation rows per tile */
+/* Over a matrix of more than this many bytes, tiles take one weight group at a time. Groups in twos and
+ * fours win 10-25% when the words are in cache (the default model's matrices, 30-90 KB), but over
+ * weights streamed from DRAM they cost up to half the speed (8192 x 1536, one thread, 32 matrices in
+ * turn, us per call: M = 1 166 with one group per tile, 353-379 with two or four; M = 2 222-248 and
+ * 400-456; M = 3 262-297 and 460-515). */
+#define STREAMED_BYTES (1 << 20)
 
 /* -------------------------------------------------------------------------------------- layout */
 
@@ -196,6 +202,7 @@ typedef struct {
     int16_t *tables; /* one region of table_stride entries per thread index */
     int64_t table_stride, m0, mb, groups, tasks;
     int simd, split_rows; /* split_rows: tasks are ranges of row tiles, else of weight groups */
+    int streamed;         /* the matrix is larger than STREAMED_BYTES: its words come from DRAM */
     unsigned char built[TQ_MAX_THREADS]; /* built[t]: thread t's tables hold this block's rows */
     const tq_lut_quantize *quant;        /* not NULL: split_rows tasks quantise their own rows first */
     _Atomic int64_t bad_row;             /* lowest row a task found holding NaN or infinity */
@@ -374,7 +381,7 @@ TARGET_BW TQ_INLINE void lut_span(const lut_job *j, int16_t *tables, int64_t g0,
     for (int64_t m = 0; m < j->mb; m += MR) {
         const int64_t R = j->mb - m < MR ? j->mb - m : MR;
         int64_t g = g0;
-        for (; g + 4 <= g1; g += 4) {
+        for (; g + 4 <= g1 && !j->streamed; g += 4) {
             switch (R) {
             case 1: lut_tile(j, tables, m, g, c0, c1, first, last, 1, 4); break;
             case 2: lut_tile(j, tables, m, g, c0, c1, first, last, 2, 4); break;
@@ -382,7 +389,7 @@ TARGET_BW TQ_INLINE void lut_span(const lut_job *j, int16_t *tables, int64_t g0,
             default: lut_tile(j, tables, m, g, c0, c1, first, last, 4, 4); break;
             }
         }
-        for (; g + 2 <= g1; g += 2) {
+        for (; g + 2 <= g1 && !j->streamed; g += 2) {
             switch (R) {
             case 1: lut_tile(j, tables, m, g, c0, c1, first, last, 1, 2); break;
             case 2: lut_tile(j, tables, m, g, c0, c1, first, last, 2, 2); break;
@@ -518,6 +525,7 @@ int64_t tq_bitlinear_lut(const tq_lut_args *a, const tq_lut_quantize *quant, int
     j.table_stride = stride;
     j.groups = groups;
     j.simd = simd;
+    j.streamed = groups * words * TQ_LUT_ROWS * 2 > STREAMED_BYTES;
     j.quant = quant;
     atomic_init(&j.bad_row, INT64_MAX);
     for (int64_t m0 = 0; m0 < a->M; m0 += block) {

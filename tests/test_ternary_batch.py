@@ -131,3 +131,21 @@ def test_extreme_sums_in_one_pass(kernel_path, threads, k):
             ternary.bitlinear_into(x, weights, w_scale, *q, out)
             assert same_bits(out, ref.bitlinear(x, packed, w_scale))
             assert abs(out[0, 0]) == k and q[2][0] == 127 * k
+
+
+def test_matrices_streamed_from_memory_match_reference(kernel_path, threads):
+    """Over 1 MB of LUT words the kernel takes one weight group per tile (ternary_lut.c, STREAMED_BYTES):
+    that path too must give the reference's bits, for every row count of a tile."""
+    rng = np.random.default_rng(11)
+    n, k = 800, 6400  # 25 groups x 712 words x 64 bytes: 1.14 MB, above the threshold
+    x, packed, w_scale = problem(rng, 9, n, k)
+    lut = ternary.pack_lut(packed)
+    assert lut.nbytes > 1 << 20
+    want = ref.bitlinear(x, packed, w_scale)
+    q = scratch(9, k)
+    for count in (1, 2):
+        threads(count)
+        for m in (1, 2, 3, 4, 5, 9):
+            out = np.full((m, n), np.nan, np.float32)
+            ternary.bitlinear_into(x[:m], lut, w_scale, *q, out)
+            assert same_bits(out, want[:m]), (count, m)
