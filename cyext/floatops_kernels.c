@@ -219,6 +219,11 @@ FO_AVX512 static inline __m512 fold16_avx512(const __m512 *a) {
     return _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x88), _mm512_shuffle_ps(u[0], u[1], 0xDD));
 }
 
+/* The tree fold of one accumulator: fold_avx2 of its low and high 256 bits (the same additions). */
+FO_AVX512 static inline float fold1_avx512(__m512 a) {
+    return fold_avx2(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+}
+
 /* R activation rows (xs floats apart) x V weight rows (row_bytes apart), R, V <= 4: out[r * os + v] =
    dot(x_r, w_v). Inlined with constant R, V, wtype so the loops unroll and the accumulators stay in
    registers. pf (or NULL): the next V weight rows (contiguous), asked for from memory at the rate this
@@ -260,6 +265,13 @@ FO_AVX512 static inline __attribute__((always_inline)) void tile_avx512(const fl
             FO_UNROLL
             for (int r = 0; r < R; r++)
                 acc[4 * v + r] = _mm512_mask_add_ps(acc[4 * v + r], m, acc[4 * v + r], _mm512_mul_ps(xv[r], wv[v]));
+    }
+    if (R * V <= 2) { /* one or two dot products: fold each alone, not 16 registers mostly of zeros */
+        FO_UNROLL
+        for (int r = 0; r < R; r++)
+            FO_UNROLL
+            for (int v = 0; v < V; v++) out[r * os + v] = fold1_avx512(acc[4 * v + r]);
+        return;
     }
     __m512 res = fold16_avx512(acc);
     float lane[FO_LANES];
@@ -328,6 +340,23 @@ static void head_rows_avx512(const float *x, ptrdiff_t xs, ptrdiff_t rows, const
        half the rate of one sequential stream (d = 2560: 5.4 ms against 2.8 for a 16384-row f16 head).
        Then single weight rows in order; a group of four short rows is itself contiguous. */
     int by_four = rows > 2 || row_bytes <= 1024;
+    if (!by_four) {
+        /* There the AVX2 single-row dot (the avx2 path's, same bits) measured 3-15% faster than the
+           1 x 1 / 2 x 1 tiles inside the 730M model's decode step (f16 head 32002 x 1536, one thread),
+           though level with them in isolation. */
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            const float *xr[1] = {x + r * xs};
+            for (ptrdiff_t v = 0; v < n_w; v++) {
+                if (wtype == FO_W_F16)
+                    dot1_f16_avx2(xr, w + v * row_bytes, n, out + r * os + v);
+                else if (wtype == FO_W_BF16)
+                    dot1_bf16_avx2(xr, w + v * row_bytes, n, out + r * os + v);
+                else
+                    dot1_f32_avx2(xr, w + v * row_bytes, n, out + r * os + v);
+            }
+        }
+        return;
+    }
     for (ptrdiff_t v = 0; v < n_w;) {
         int wide = by_four && n_w - v >= 4;
         const tile_fn *tiles = g_tiles[widen ? FO_W_F32 : wtype][wide];
@@ -490,58 +519,61 @@ void fo_attend(const float *q, const float *k, const float *v, ptrdiff_t n_pos, 
    vectors stay in registers across the whole position loop; then out_g *= inv_g. Element-wise the
    same additions as axpy_portable, starting from 0. */
 FO_AVX512 static inline __attribute__((always_inline)) void attend_out_avx512(
-    const int G, const float *p, ptrdiff_t p_stride, const float *v, ptrdiff_t n_pos, ptrdiff_t pos_stride,
+    const int G, const int C, const float *p, ptrdiff_t p_stride, const float *v, ptrdiff_t n_pos, ptrdiff_t pos_stride,
     ptrdiff_t head_dim, ptrdiff_t d0, const float *inv, float *out, ptrdiff_t out_stride) {
-    __mmask16 m[4];
+    __mmask16 m[8];
     FO_UNROLL
-    for (int c = 0; c < 4; c++) {
+    for (int c = 0; c < C; c++) {
         ptrdiff_t left = head_dim - d0 - 16 * c;
         m[c] = left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
     }
-    __m512 acc[4][4];
+    __m512 acc[4][8];
     FO_UNROLL
     for (int g = 0; g < G; g++)
         FO_UNROLL
-        for (int c = 0; c < 4; c++) acc[g][c] = _mm512_setzero_ps();
+        for (int c = 0; c < C; c++) acc[g][c] = _mm512_setzero_ps();
     const float *vd = v + d0;
     for (ptrdiff_t t = 0; t < n_pos; t++) {
         if (t + FO_PREFETCH_AHEAD < n_pos)
-            for (ptrdiff_t c = 0; c < 64 && d0 + c < head_dim; c += 16)
+            for (ptrdiff_t c = 0; c < 16 * C && d0 + c < head_dim; c += 16)
                 _mm_prefetch((const char *)(vd + (t + FO_PREFETCH_AHEAD) * pos_stride + c), _MM_HINT_T0);
-        __m512 vv[4];
+        __m512 vv[8];
         FO_UNROLL
-        for (int c = 0; c < 4; c++) vv[c] = _mm512_maskz_loadu_ps(m[c], vd + t * pos_stride + 16 * c);
+        for (int c = 0; c < C; c++) vv[c] = _mm512_maskz_loadu_ps(m[c], vd + t * pos_stride + 16 * c);
         FO_UNROLL
         for (int g = 0; g < G; g++) {
             __m512 pv = _mm512_set1_ps(p[g * p_stride + t]);
             FO_UNROLL
-            for (int c = 0; c < 4; c++) acc[g][c] = _mm512_add_ps(acc[g][c], _mm512_mul_ps(pv, vv[c]));
+            for (int c = 0; c < C; c++) acc[g][c] = _mm512_add_ps(acc[g][c], _mm512_mul_ps(pv, vv[c]));
         }
     }
     FO_UNROLL
     for (int g = 0; g < G; g++) {
         __m512 iv = _mm512_set1_ps(inv[g]);
         FO_UNROLL
-        for (int c = 0; c < 4; c++)
+        for (int c = 0; c < C; c++)
             _mm512_mask_storeu_ps(out + g * out_stride + d0 + 16 * c, m[c], _mm512_mul_ps(acc[g][c], iv));
     }
 }
 
-#define FO_ATTEND_OUT(G)                                                                             \
-    FO_AVX512 static void attend_out##G##_avx512(const float *p, ptrdiff_t p_stride, const float *v,    \
-                                                 ptrdiff_t n_pos, ptrdiff_t pos_stride, ptrdiff_t head_dim, \
-                                                 ptrdiff_t d0, const float *inv, float *out,           \
-                                                 ptrdiff_t out_stride) {                               \
-        attend_out_avx512(G, p, p_stride, v, n_pos, pos_stride, head_dim, d0, inv, out, out_stride); \
+#define FO_ATTEND_OUT(G, C, NAME)                                                                    \
+    FO_AVX512 static void NAME(const float *p, ptrdiff_t p_stride, const float *v, ptrdiff_t n_pos,      \
+                               ptrdiff_t pos_stride, ptrdiff_t head_dim, ptrdiff_t d0, const float *inv,   \
+                               float *out, ptrdiff_t out_stride) {                                         \
+        attend_out_avx512(G, C, p, p_stride, v, n_pos, pos_stride, head_dim, d0, inv, out, out_stride); \
     }
-FO_ATTEND_OUT(1)
-FO_ATTEND_OUT(2)
-FO_ATTEND_OUT(3)
-FO_ATTEND_OUT(4)
+FO_ATTEND_OUT(1, 4, attend_out1_avx512)
+FO_ATTEND_OUT(2, 4, attend_out2_avx512)
+FO_ATTEND_OUT(3, 4, attend_out3_avx512)
+FO_ATTEND_OUT(4, 4, attend_out4_avx512)
+FO_ATTEND_OUT(1, 8, attend_out1w_avx512)
+FO_ATTEND_OUT(2, 8, attend_out2w_avx512)
 typedef void (*attend_out_fn)(const float *, ptrdiff_t, const float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t,
                               const float *, float *, ptrdiff_t);
 static const attend_out_fn g_attend_out[4] = {attend_out1_avx512, attend_out2_avx512, attend_out3_avx512,
                                               attend_out4_avx512};
+/* one or two heads over up to 128 dims in one pass over V (8 chunks of 16) */
+static const attend_out_fn g_attend_out_wide[2] = {attend_out1w_avx512, attend_out2w_avx512};
 
 /* Scaled scores of NQ queries (NQ = 1, 2 or 4, q_stride apart) against P = 16 / NQ positions (k rows
    pos_stride apart): the 16 dots as one register tile, so one fold serves them all; dot (q, k_p) of
@@ -632,7 +664,10 @@ static void attend_group_avx512(const float *q, ptrdiff_t q_stride, int n_q, con
     if (g_scores[n_q]) {
         const ptrdiff_t P = 16 / n_q;
         for (; t + P <= n_pos; t += P) {
-            for (ptrdiff_t pp = 0; pp < P; pp += 4) prefetch_rows(k, t + 2 * P + pp, n_pos, pos_stride, head_dim);
+            /* FO_PREFETCH_AHEAD positions ahead, as fo_attend (a decode step reads K from DRAM; 2 * P
+               ahead measured 5-10% slower at n_q = 1, head_dim 96) */
+            for (ptrdiff_t pp = 0; pp < P; pp += 4)
+                prefetch_rows(k, t + FO_PREFETCH_AHEAD + pp, n_pos, pos_stride, head_dim);
             g_scores[n_q](q, q_stride, k + t * pos_stride, pos_stride, head_dim, scale, scores + t, n_pos);
         }
     }
@@ -671,6 +706,12 @@ static void attend_group_avx512(const float *q, ptrdiff_t q_stride, int n_q, con
         }
         inv[g] = 1.0f / total0;
     }
+    /* one pass over V when the whole head fits the registers: rows of head_dim 96 in two passes (dims
+       0-63, then 64-95) came from DRAM about 10% slower than fo_attend's single pass */
+    if (n_q <= 2 && head_dim > 64 && head_dim <= 128) {
+        g_attend_out_wide[n_q - 1](scores, n_pos, v, n_pos, pos_stride, head_dim, 0, inv, out, out_stride);
+        return;
+    }
     for (ptrdiff_t d0 = 0; d0 < head_dim; d0 += 64)
         g_attend_out[n_q - 1](scores, n_pos, v, n_pos, pos_stride, head_dim, d0, inv, out, out_stride);
 }
@@ -683,7 +724,10 @@ void fo_attend_group(const float *q, ptrdiff_t q_stride, ptrdiff_t n_q, const fl
                      ptrdiff_t n_pos, ptrdiff_t pos_stride, ptrdiff_t head_dim, float scale, float *scratch,
                      ptrdiff_t scratch_len, float *out, ptrdiff_t out_stride) {
 #if FO_X86
-    if (g_path >= 2) {
+    /* One query head per KV head (no GQA: nothing to share) goes through fo_attend: the grouped path
+       measured up to 10-20% slower there in the 730M model's decode step (16 heads of 96, K and V
+       from DRAM). */
+    if (g_path >= 2 && n_q > 1) {
         float local[FO_GROUP_SCORES];
         float *scores = scratch;
         ptrdiff_t room = scratch_len;
