@@ -57,8 +57,9 @@
  * fours win 10-25% when the words are in cache (the default model's matrices, 30-90 KB), but over
  * weights streamed from DRAM they cost up to half the speed (8192 x 1536, one thread, 32 matrices in
  * turn, us per call: M = 1 166 with one group per tile, 353-379 with two or four; M = 2 222-248 and
- * 400-456; M = 3 262-297 and 460-515). */
-#define STREAMED_BYTES (1 << 20)
+ * 400-456; M = 3 262-297 and 460-515). A decode step of a large model reads even its 0.5 MB matrices
+ * (1536 x 1536) from DRAM: with a 1 MB threshold its bitlinear calls still ran 7-10% slower. */
+#define STREAMED_BYTES (256 << 10)
 
 /* -------------------------------------------------------------------------------------- layout */
 

@@ -416,9 +416,18 @@ def test_head_strided_rows_and_output():
 @pytest.mark.parametrize(
     ("n_kv", "group", "head_dim", "ctx"),
     [
-        (1, 1, 64, 40), (2, 2, 64, 70), (1, 3, 40, 70), (2, 4, 128, 70), (1, 6, 96, 70), (1, 5, 24, 1100),
+        (1, 1, 64, 40),
+        (2, 2, 64, 70),
+        (1, 3, 40, 70),
+        (2, 4, 128, 70),
+        (1, 6, 96, 70),
+        (1, 5, 24, 1100),
         # one pass over V for 1-2 heads of 65-128 dims (masked chunks past head_dim)
-        (2, 1, 96, 70), (1, 1, 65, 40), (1, 1, 128, 40), (1, 2, 72, 70), (2, 2, 128, 40),
+        (2, 1, 96, 70),
+        (1, 1, 65, 40),
+        (1, 1, 128, 40),
+        (1, 2, 72, 70),
+        (2, 2, 128, 40),
     ],
 )
 def test_attention_groups_agree_on_every_path(n_kv, group, head_dim, ctx):
