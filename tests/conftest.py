@@ -133,3 +133,33 @@ def make_server(service_weights) -> Iterator[Callable[..., RunningServer]]:
 def server(make_server) -> RunningServer:
     """A default-sized in-process server."""
     return make_server()
+
+
+# ==================================================================================================
+# Ternary kernel fixtures (test_kernels_ternary.py, test_ternary_batch.py): owner, the kernels.
+# ==================================================================================================
+TERNARY_PATHS = ["portable", "avx2", "avx512bw", "avx512vnni"]
+
+
+@pytest.fixture(params=TERNARY_PATHS)
+def kernel_path(request):
+    """Run the test once per ternary matmul path this CPU has, restoring the previous choice after."""
+    from bitnet_grpc.cyext import ternary
+
+    name = request.param
+    if name not in ternary.kernel_paths():
+        pytest.skip(f"this CPU cannot run the {name} path")
+    previous = ternary.get_kernel_path()
+    ternary.set_kernel_path(name)
+    yield name
+    ternary.set_kernel_path(previous)
+
+
+@pytest.fixture
+def threads():
+    """Lets a test change the ternary kernels' thread count; restores it afterwards."""
+    from bitnet_grpc.cyext import ternary
+
+    previous = ternary.get_num_threads()
+    yield ternary.set_num_threads
+    ternary.set_num_threads(previous)

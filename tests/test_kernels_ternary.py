@@ -12,27 +12,7 @@ import pytest
 from bitnet_grpc.cyext import reference as ref
 from bitnet_grpc.cyext import ternary
 
-ALL_PATHS = ["portable", "avx2", "avx512bw", "avx512vnni"]
-
-
-@pytest.fixture(params=ALL_PATHS)
-def kernel_path(request):
-    """Run the test once per matmul implementation, restoring the previous choice afterwards."""
-    name = request.param
-    if name not in ternary.kernel_paths():
-        pytest.skip(f"this CPU cannot run the {name} path")
-    previous = ternary.get_kernel_path()
-    ternary.set_kernel_path(name)
-    yield name
-    ternary.set_kernel_path(previous)
-
-
-@pytest.fixture
-def threads():
-    """Lets a test change the thread count; restores it afterwards."""
-    previous = ternary.get_num_threads()
-    yield ternary.set_num_threads
-    ternary.set_num_threads(previous)
+ALL_PATHS = ["portable", "avx2", "avx512bw", "avx512vnni"]  # kernel_path (conftest.py) runs each
 
 
 def random_codes(rng, n, k, p_zero=0.4):

@@ -9,26 +9,6 @@ import pytest
 from bitnet_grpc.cyext import reference as ref
 from bitnet_grpc.cyext import ternary
 
-ALL_PATHS = ["portable", "avx2", "avx512bw", "avx512vnni"]
-
-
-@pytest.fixture(params=ALL_PATHS)
-def kernel_path(request):
-    name = request.param
-    if name not in ternary.kernel_paths():
-        pytest.skip(f"this CPU cannot run the {name} path")
-    previous = ternary.get_kernel_path()
-    ternary.set_kernel_path(name)
-    yield name
-    ternary.set_kernel_path(previous)
-
-
-@pytest.fixture
-def threads():
-    previous = ternary.get_num_threads()
-    yield ternary.set_num_threads
-    ternary.set_num_threads(previous)
-
 
 def problem(rng, m, n, k):
     x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 10, size=(m, 1))).astype(np.float32)
