@@ -276,15 +276,26 @@ def _lane_sum(w: np.ndarray) -> float:
     return float(lanes[0])
 
 
+def row_weights(x: np.ndarray, temperature: float) -> tuple[float, np.ndarray, np.ndarray]:
+    """(maximum, weights, block sums) of one logits row, as sampling.row_weights computes them (for a
+    finite maximum and a temperature whose inverse is a finite float32)."""
+    x = np.asarray(x, np.float32)
+    m = np.max(x, initial=-np.inf, where=~np.isnan(x))  # NaN logits are ignored (weight 0)
+    w = exp_neg((x - m) * np.float32(1.0 / temperature))
+    sums = np.array([_lane_sum(w[s : s + SAMPLING_BLOCK]) for s in range(0, len(w), SAMPLING_BLOCK)])
+    return float(m), w, sums
+
+
 def draw_row(x: np.ndarray, temperature: float, u: float) -> int:
     """The index sampling.draw_rows draws from one logits row (see sampling_kernels.h)."""
     x = np.asarray(x, np.float32)
-    m = np.max(x, initial=-np.inf, where=~np.isnan(x))  # NaN logits are ignored (weight 0)
-    if not np.isfinite(m):
-        hits = np.flatnonzero(x == m)
+    m = np.max(x, initial=-np.inf, where=~np.isnan(x))
+    with np.errstate(over="ignore"):
+        inv_t = np.float32(np.float64(1.0) / np.float64(temperature))
+    if not np.isfinite(m) or not np.isfinite(inv_t):
+        hits = np.flatnonzero(x == m)  # no distribution, or only the maximum is left
         return int(hits[0]) if hits.size else 0
-    w = exp_neg((x - m) * np.float32(1.0 / temperature))
-    sums = [_lane_sum(w[s : s + SAMPLING_BLOCK]) for s in range(0, len(w), SAMPLING_BLOCK)]
+    _, w, sums = row_weights(x, temperature)
     total = 0.0
     for s in sums:
         total += s

@@ -7,7 +7,8 @@ block sums and the pick) in C, rows spread over the kernels' worker pool.
 
 The order of every operation is fixed (sampling_kernels.h), so a row's token depends only on its
 logits, its temperature and its uniform number: never on the batch, the thread count or the path
-(portable C or AVX-512). ``bitnet_grpc.cyext.reference.draw_rows`` is the numpy reference.
+(portable C or AVX-512). ``bitnet_grpc.cyext.reference.draw_row`` and ``row_weights`` are the numpy
+references.
 """
 
 from cpython.pycapsule cimport PyCapsule_GetPointer
@@ -34,13 +35,15 @@ cdef extern from "sampling_kernels.h" nogil:
     int fs_select_path(int path)
     int fs_current_path()
     float fs_exp_neg(float z)
+    float fs_row_weights(const float *x, int64_t n, float inv_t, float *weights, double *block_sums)
     int64_t fs_draw_row(const float *x, int64_t n, float inv_t, double u, float *weights, double *block_sums)
 
 
 BLOCK = FS_BLOCK
 _PATH_NAMES = ("portable", "avx512")
 cdef tq_parallel_fn _parallel = <tq_parallel_fn>PyCapsule_GetPointer(_ternary._POOL_CAPSULE, TQ_POOL_CAPSULE)
-# Rows of at least this many logits are spread over the pool (one row of 4096 takes about 3 us).
+# Batches of at least this many logits (rows x vocabulary) are spread over the pool, a row per task
+# (one row of 4096 takes about 3 us).
 cdef Py_ssize_t _PARALLEL_MIN = 1 << 14
 
 fs_select_path(fs_best_path())
@@ -59,6 +62,22 @@ def set_kernel_path(str name) -> None:
     if name not in _PATH_NAMES[: fs_best_path() + 1]:
         raise ValueError(f"kernel path {name!r} not available here; choose from {kernel_paths()}")
     fs_select_path(_PATH_NAMES.index(name))
+
+
+def _inverse_temperatures(temperatures) -> np.ndarray:
+    """float32(1 / T), rounded as IEEE says: +inf when 1 / T is beyond float32 (the draw then takes the
+    maximum)."""
+    with np.errstate(over="ignore"):
+        return (1.0 / np.asarray(temperatures, np.float64)).astype(np.float32)
+
+
+def row_weights(const float[::1] x, double temperature, float[::1] weights, double[::1] block_sums) -> float:
+    """The first passes of a draw on the current path: weights and block sums of one row; returns its
+    maximum. (For tests of the definition: the draw itself only returns an index.)"""
+    cdef Py_ssize_t n = x.shape[0]
+    if n < 1 or weights.shape[0] != n or block_sums.shape[0] != (n + FS_BLOCK - 1) // FS_BLOCK:
+        raise ValueError(f"{n} logits need {n} weights and {(n + FS_BLOCK - 1) // FS_BLOCK} block sums")
+    return fs_row_weights(&x[0], n, _inverse_temperatures(np.array([temperature]))[0], &weights[0], &block_sums[0])
 
 
 def exp_neg(const float[::1] z, float[::1] out) -> None:
@@ -101,8 +120,11 @@ def draw_rows(const float[:, :] logits, const int64_t[::1] rows, const double[::
             f"rows ({count}), temperatures ({temperatures.shape[0]}), uniforms ({uniforms.shape[0]}) "
             f"and out ({out.shape[0]}) must have the same length"
         )
-    if n > 1 and logits.strides[1] != sizeof(float):
+    cdef Py_ssize_t float_size = sizeof(float)
+    if n > 1 and logits.strides[1] != float_size:
         raise ValueError("logits rows must be contiguous")
+    if logits.shape[0] > 1 and (logits.strides[0] < n * float_size or logits.strides[0] % float_size):
+        raise ValueError(f"logits rows must follow one another in memory, got a row stride of {logits.strides[0]}")
     for i in range(count):
         if rows[i] < 0 or rows[i] >= logits.shape[0]:
             raise ValueError(f"rows[{i}] = {rows[i]} is outside the {logits.shape[0]} logits rows")
@@ -119,7 +141,7 @@ def draw_rows(const float[:, :] logits, const int64_t[::1] rows, const double[::
     threads = <int>min(threads, count, TQ_MAX_THREADS)
     if count * n < _PARALLEL_MIN:
         threads = 1
-    inv_t = (1.0 / np.asarray(temperatures)).astype(np.float32)
+    inv_t = _inverse_temperatures(temperatures)
     n_blocks = (n + FS_BLOCK - 1) // FS_BLOCK
     weights = np.empty(threads * n, np.float32)
     block_sums = np.empty(threads * n_blocks, np.float64)
@@ -127,7 +149,7 @@ def draw_rows(const float[:, :] logits, const int64_t[::1] rows, const double[::
     cdef float[::1] w = weights
     cdef double[::1] bs = block_sums
     cdef _DrawJob job
-    job.x, job.xs, job.n, job.rows = &logits[0, 0], logits.strides[0] // sizeof(float), n, &rows[0]
+    job.x, job.xs, job.n, job.rows = &logits[0, 0], logits.strides[0] // float_size, n, &rows[0]
     job.inv_t, job.u, job.weights, job.block_sums = &it[0], &uniforms[0], &w[0], &bs[0]
     job.n_blocks, job.out = n_blocks, &out[0]
     with nogil:

@@ -153,31 +153,36 @@ static double block_sum(const float *w, int64_t n) {
     return lane[0];
 }
 
-int64_t fs_draw_row(const float *x, int64_t n, float inv_t, double u, float *weights, double *block_sums) {
-    if (n <= 0) return 0;
+float fs_row_weights(const float *x, int64_t n, float inv_t, float *weights, double *block_sums) {
 #if FS_X86
     float m = g_path >= 1 ? row_max_avx512(x, n) : row_max(x, n);
 #else
     float m = row_max(x, n);
 #endif
-    if (!isfinite(m)) {
+    if (!isfinite(m) || !isfinite(inv_t)) return m;
+#if FS_X86
+    if (g_path >= 1) {
+        weights_sums_avx512(x, n, m, inv_t, weights, block_sums);
+        return m;
+    }
+#endif
+    weights_portable(x, n, m, inv_t, weights);
+    for (int64_t b = 0; b * FS_BLOCK < n; b++) {
+        int64_t start = b * FS_BLOCK;
+        block_sums[b] = block_sum(weights + start, n - start < FS_BLOCK ? n - start : FS_BLOCK);
+    }
+    return m;
+}
+
+int64_t fs_draw_row(const float *x, int64_t n, float inv_t, double u, float *weights, double *block_sums) {
+    if (n <= 0) return 0;
+    float m = fs_row_weights(x, n, inv_t, weights, block_sums);
+    if (!isfinite(m) || !isfinite(inv_t)) { /* no distribution, or a temperature too small for a float */
         for (int64_t i = 0; i < n; i++)
             if (x[i] == m) return i;
         return 0;
     }
     int64_t n_blocks = (n + FS_BLOCK - 1) / FS_BLOCK;
-#if FS_X86
-    if (g_path >= 1) {
-        weights_sums_avx512(x, n, m, inv_t, weights, block_sums);
-    } else
-#endif
-    {
-        weights_portable(x, n, m, inv_t, weights);
-        for (int64_t b = 0; b < n_blocks; b++) {
-            int64_t start = b * FS_BLOCK;
-            block_sums[b] = block_sum(weights + start, n - start < FS_BLOCK ? n - start : FS_BLOCK);
-        }
-    }
     double total = 0.0;
     for (int64_t b = 0; b < n_blocks; b++) total += block_sums[b];
     double target = u * total, before = 0.0;

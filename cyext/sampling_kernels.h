@@ -35,10 +35,15 @@ int fs_current_path(void);
 /* e^z for z <= 0 as defined above (one value; the row kernel runs the same steps vectorised). */
 float fs_exp_neg(float z);
 
+/* The weights and block sums of one row of n >= 1 logits (the first two passes of the draw); returns m.
+ * When m or inv_t is not finite (a temperature so small that 1 / T overflows a float) nothing is
+ * written. */
+float fs_row_weights(const float *x, int64_t n, float inv_t, float *weights, double *block_sums);
+
 /* The index drawn from one row of n logits with uniform u in [0, 1); scratch: weights (n floats) and
  * block_sums (one double per FS_BLOCK weights, rounded up). A row whose maximum m is not finite
- * (+inf, or -inf when every logit is -inf or NaN) has no distribution: returns the first index
- * holding m, or 0. */
+ * (+inf, or -inf when every logit is -inf or NaN) has no distribution, and an infinite inv_t leaves
+ * only the maximum: both return the first index holding m, or 0. */
 int64_t fs_draw_row(const float *x, int64_t n, float inv_t, double u, float *weights, double *block_sums);
 
 #endif

@@ -41,6 +41,26 @@ def test_exp_neg_matches_reference_bits_and_is_accurate(path):
     assert np.max(np.abs(out[live] / exact - 1)) < 3e-7
 
 
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 120, 128, 136, 300, 4099])
+def test_row_weights_match_reference_bits(path, vocab):
+    """The passes before the pick, on this path: maximum, every weight and every block sum, bit for bit."""
+    rng = np.random.default_rng(vocab + 1)
+    for trial in range(6):
+        x = (rng.standard_normal(vocab) * rng.uniform(0.1, 30)).astype(np.float32)
+        if trial % 2:
+            x[rng.integers(0, vocab, size=vocab // 3)] = -np.inf
+            x[rng.integers(0, vocab, size=vocab // 5)] = np.nan
+            x[0] = 0.0
+        t = float(rng.uniform(0.05, 3.0))
+        weights = np.empty(vocab, np.float32)
+        sums = np.empty(-(-vocab // sampling.BLOCK), np.float64)
+        m = sampling.row_weights(x, t, weights, sums)
+        want_m, want_w, want_sums = reference.row_weights(x, t)
+        assert m == want_m
+        assert np.array_equal(weights.view(np.uint32), want_w.view(np.uint32))
+        assert np.array_equal(sums.view(np.uint64), want_sums.view(np.uint64))
+
+
 @pytest.mark.parametrize("vocab", [1, 5, 16, 17, 127, 128, 129, 300, 4096, 4099])
 def test_draw_matches_reference(path, vocab):
     rng = np.random.default_rng(vocab)
@@ -110,6 +130,26 @@ def test_rows_without_a_distribution():
     expected = [reference.draw_row(logits[r], 1.0, 0.5) for r in rows]
     assert expected[:2] == [0, 23] and expected[2] != 33 and expected[3] == 39
     assert draw(logits, rows, [1.0] * 4, [0.5] * 4) == expected
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-45])
+def test_temperatures_near_zero_take_the_maximum(path, temperature):
+    """1 / T beyond float32 (1e-45) or huge (1e-30): every weight but the maximum's is 0, so the draw is
+    the arg-max, as it is at T = 0, never token 0 by accident."""
+    logits = np.array([[0.5, -3.0, 2.5, 2.0, 2.5, -np.inf]], np.float32)
+    assert draw(logits, [0], [temperature], [0.3]) == [2]
+    assert reference.draw_row(logits[0], temperature, 0.3) == 2
+
+
+def test_rows_must_follow_one_another():
+    """A reversed or overlapping row stride would send the kernel outside the array: refused."""
+    logits = np.arange(16, dtype=np.float32).reshape(2, 8)
+    overlapping = np.lib.stride_tricks.as_strided(logits, shape=(2, 8), strides=(4, 4))
+    rows, ones, out = np.array([0, 1], np.int64), np.ones(2), np.empty(2, np.int64)
+    for bad in (logits[::-1], overlapping):
+        with pytest.raises(ValueError, match="row stride"):
+            sampling.draw_rows(bad, rows, ones, ones / 2, out)
+    sampling.draw_rows(logits, rows, ones, ones / 2, out)  # the same rows in order are fine
 
 
 @pytest.mark.parametrize(
