@@ -3,7 +3,8 @@ in one run with the paths interleaved, so a shared machine's noise hits every pa
 
     python benchmarks/float_kernels.py [--rows 1 4 16] [--threads 2] [--repeats 200]
 
-Prints the median milliseconds per call of each kernel and path (attention: all 6 layers' worth).
+Prints milliseconds per call of each kernel and path: the median of --repeats calls, the best such
+median of --rounds rounds (paths interleaved). Attention: all 6 layers' worth.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def cases(rows: int, rng: np.random.Generator, position: int) -> dict:
     w = (rng.standard_normal((vocab, d)) * 0.05).astype(np.float32)
     w16, wbf = w.astype(np.float16).view(np.uint16), (w.view(np.uint32) >> 16).astype(np.uint16)
     out = np.empty((rows, vocab), np.float32)
-    slots = np.arange(rows, dtype=np.int32)
+    slots = np.arange(rows, dtype=np.int32) % 16  # the 16 cache slots below, shared beyond 16 rows
     k_cache = rng.standard_normal((16, n_kv, ctx, head_dim)).astype(np.float32)
     v_cache = rng.standard_normal((16, n_kv, ctx, head_dim)).astype(np.float32)
     q = rng.standard_normal((rows, n_heads * head_dim)).astype(np.float32)

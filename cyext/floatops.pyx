@@ -84,7 +84,7 @@ fo_select_path(fo_best_path())
 
 
 def set_num_threads(int n) -> None:
-    """Threads used by the parallel loops (output rows of the head matmul, rows x heads of attention)."""
+    """Threads used by the parallel loops (output rows of the head matmul, rows x KV heads of attention)."""
     global _num_threads
     if not 1 <= n <= TQ_MAX_THREADS:
         raise ValueError(f"threads must be >= 1 and <= {TQ_MAX_THREADS}, got {n}")

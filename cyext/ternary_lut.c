@@ -30,7 +30,7 @@
  * the int32 sums of a chunk are added in the output array itself (its float32 slots hold int32 bits
  * until the final scaling pass). Rows run in blocks whose tables fit TABLE_BUDGET per thread.
  *
- * Rows from the quantiser (bitlinear_into) hold no -128, which lets rows of K <= 258 be summed in
+ * Rows from the quantiser (bitlinear_into) hold no -128, which lets rows of Kp = 256 (K <= 256) be summed in
  * int16 in one pass and stored as floats by the tiles themselves (span_fits); such calls also
  * quantise their rows inside the tasks (tq_bitlinear_lut). Tiles are up to 4 rows by 4 weight groups.
  *
@@ -363,7 +363,8 @@ TARGET_BW static void finish_rows(const tq_lut_args *a, int64_t m, int64_t n0, i
  * magnitude, so one chunk (at most TQ_LUT_CHUNK = 28 words, 84 lookups: 32256) is safe for any int8
  * rows. Rows from the quantiser never hold -128 (|x| * (127 / max|x|) rounds to at most 127), and the
  * activations past Kp are zero, so a span covering at most 258 activations of the row (258 * 127 =
- * 32766) is safe too: with K <= 258 the whole row is one pass, and the tiles store the final floats
+ * 32766) is safe too. Kp is a multiple of 256, so in practice that is Kp = 256 (K <= 256): the whole
+ * row is one pass (256 * 127 = 32512 at most), and the tiles store the final floats
  * without int32 partial sums in `out` (measured: 256-column matrices, M = 16, about 10% faster). */
 static inline int span_fits(const lut_job *j, int64_t words, int64_t c0, int64_t c1) {
     if (c1 == c0 + 1) return 1;

@@ -9,7 +9,8 @@ its own logits (never on what else shares the batch). The pipeline, in this orde
    - presence and frequency (OpenAI): over generated tokens only, subtract `presence` once and
      `frequency * count`;
 2. temperature 0: the arg-max (lowest id on ties), no randomness;
-3. otherwise divide by the temperature, then top-k, top-p (smallest most-probable set whose mass
+3. otherwise scale by the temperature (plain rows, batched in the compiled draw: times float32(1/T);
+   the others: divided by T in float64), then top-k, top-p (smallest most-probable set whose mass
    reaches top_p), min-p (drop tokens below min_p * the top probability), renormalise, draw.
 
 The scheduler chooses the tokens of a whole batch at once (`choose_batch`): greedy rows take one
@@ -251,9 +252,9 @@ class Sampler:
 def choose_batch(samplers: list[Sampler], logits: np.ndarray) -> list[int | None]:
     """Tokens for rows of plain samplers (row i of `logits` is samplers[i]'s), None for the others.
 
-    One arg-max for the greedy rows and one `draw_rows` for the temperature rows, instead of a dozen
-    small numpy calls per sequence. Each sampler's random number is drawn here, in the same order as
-    `Sampler.sample` would, so pass the result to `sample(row, token)`.
+    One arg-max for the greedy rows and one call of the compiled draw for the temperature rows,
+    instead of a dozen small numpy calls per sequence. Each sampler's random number is drawn here, in
+    the same order as `Sampler.sample` would, so pass the result to `sample(row, token)`.
     """
     logits = np.ascontiguousarray(logits, np.float32)
     chosen: list[int | None] = [None] * len(samplers)

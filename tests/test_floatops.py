@@ -428,6 +428,9 @@ def test_head_strided_rows_and_output():
         (1, 1, 128, 40),
         (1, 2, 72, 70),
         (2, 2, 128, 40),
+        # groups of 5: a pass of 4 heads, then a leftover head of 65-128 dims in one pass over V
+        (1, 5, 96, 70),
+        (2, 5, 72, 40),
     ],
 )
 def test_attention_groups_agree_on_every_path(n_kv, group, head_dim, ctx):

@@ -93,7 +93,8 @@ def test_bad_arguments_name_the_argument():
 
 @pytest.mark.parametrize("k", [256, 250, 258, 600])
 def test_extreme_sums_in_one_pass(kernel_path, threads, k):
-    """Quantised rows hold -127..127, so the LUT kernel sums a whole row of K <= 258 in int16 at once:
+    """Quantised rows hold -127..127, so the LUT kernel sums a whole row of K <= 256 (Kp = 256) in int16 at
+    once (K = 258 and 600 pad to Kp = 512 and take the chunked path):
     every activation at +-127 against weights all -1 or all +1 reaches 256 * 127 = 32512 there."""
     n = 64
     codes = np.ones((n, k), np.int8)
