@@ -206,7 +206,8 @@ typedef struct {
     int streamed;         /* the matrix is larger than STREAMED_BYTES: its words come from DRAM */
     unsigned char built[TQ_MAX_THREADS]; /* built[t]: thread t's tables hold this block's rows */
     const tq_lut_quantize *quant;        /* not NULL: split_rows tasks quantise their own rows first */
-    _Atomic int64_t bad_row;             /* lowest row a task found holding NaN or infinity */
+    _Atomic int64_t *bad_row;            /* lowest row a task found holding NaN or infinity (shared: tasks
+                                            copy the job, so the atomic itself lives outside it) */
 } lut_job;
 
 /* Quantise rows m0 .. m1-1 of the float input into a->xq (the activations of the matmul). */
@@ -216,8 +217,8 @@ static void quantize_rows(lut_job *j, int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; m++) {
         if (qz->row_fn(qz->x + m * qz->x_stride, qz->K, a->Kp, (int8_t *)a->xq + m * a->x_stride,
                        (float *)a->x_scale + m, qz->x_sum + m)) {
-            int64_t cur = atomic_load_explicit(&j->bad_row, memory_order_relaxed);
-            while (m < cur && !atomic_compare_exchange_weak_explicit(&j->bad_row, &cur, m, memory_order_relaxed,
+            int64_t cur = atomic_load_explicit(j->bad_row, memory_order_relaxed);
+            while (m < cur && !atomic_compare_exchange_weak_explicit(j->bad_row, &cur, m, memory_order_relaxed,
                                                                      memory_order_relaxed)) {
             }
         }
@@ -529,7 +530,9 @@ int64_t tq_bitlinear_lut(const tq_lut_args *a, const tq_lut_quantize *quant, int
     j.simd = simd;
     j.streamed = groups * words * TQ_LUT_ROWS * 2 > STREAMED_BYTES;
     j.quant = quant;
-    atomic_init(&j.bad_row, INT64_MAX);
+    _Atomic int64_t bad_row;
+    atomic_init(&bad_row, INT64_MAX);
+    j.bad_row = &bad_row;
     for (int64_t m0 = 0; m0 < a->M; m0 += block) {
         j.m0 = m0;
         j.mb = a->M - m0 < block ? a->M - m0 : block;
@@ -543,6 +546,6 @@ int64_t tq_bitlinear_lut(const tq_lut_args *a, const tq_lut_quantize *quant, int
         if (quant && !j.split_rows) quantize_rows(&j, m0, m0 + j.mb);
         tq_parallel(j.tasks, lut_task, &j, threads);
     }
-    int64_t bad = atomic_load_explicit(&j.bad_row, memory_order_relaxed);
+    int64_t bad = atomic_load_explicit(&bad_row, memory_order_relaxed);
     return bad == INT64_MAX ? -1 : bad;
 }
