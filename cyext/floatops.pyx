@@ -25,23 +25,13 @@ never changes its result.
 
 from os import cpu_count
 
-from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.math cimport expf, sqrt
 from libc.stdint cimport int64_t, uint16_t
 from libc.string cimport memcpy
 
 import numpy as np
 
-from bitnet_grpc.cyext import ternary as _ternary
-
-
-ctypedef void (*task_fn)(void *ctx, int64_t i, int thread) noexcept nogil
-
-
-cdef extern from "task_pool.h" nogil:
-    int TQ_MAX_THREADS
-    const char *TQ_POOL_CAPSULE
-    ctypedef void (*tq_parallel_fn)(int64_t n_tasks, task_fn task, void *ctx, int n_threads)
+include "task_pool.pxi"
 
 
 cdef extern from "floatops_kernels.h" nogil:
@@ -66,8 +56,6 @@ cdef extern from "floatops_kernels.h" nogil:
 
 LANES = FO_LANES
 _PATH_NAMES = ("portable", "avx2", "avx512")
-# tq_parallel of the ternary extension: the one worker pool of the process
-cdef tq_parallel_fn _parallel = <tq_parallel_fn>PyCapsule_GetPointer(_ternary._POOL_CAPSULE, TQ_POOL_CAPSULE)
 cdef int _num_threads = min(TQ_MAX_THREADS, max(1, cpu_count() or 1))
 # RMSNorm below this many elements runs on the calling thread: 8 rows of 2560 take 7 us on one thread
 # and 14 us when split (waking a worker costs more than it saves).

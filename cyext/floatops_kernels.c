@@ -244,7 +244,6 @@ FO_AVX512 static inline __attribute__((always_inline)) void tile_avx512(const fl
         FO_UNROLL
         for (int v = 0; v < V; v++) wv[v] = load16(wtype, w + v * row_bytes, i);
         if (pf) {
-            FO_UNROLL
             for (int k = 0; k < (esize == 4 ? V : (V + 1) / 2); k++)
                 _mm_prefetch(pf + i * esize * V + 64 * k, _MM_HINT_T0);
         }

@@ -11,22 +11,13 @@ logits, its temperature and its uniform number: never on the batch, the thread c
 references.
 """
 
-from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.stdint cimport int64_t
 
 import numpy as np
 
 from bitnet_grpc.cyext import floatops as _floatops
-from bitnet_grpc.cyext import ternary as _ternary
 
-
-ctypedef void (*task_fn)(void *ctx, int64_t i, int thread) noexcept nogil
-
-
-cdef extern from "task_pool.h" nogil:
-    int TQ_MAX_THREADS
-    const char *TQ_POOL_CAPSULE
-    ctypedef void (*tq_parallel_fn)(int64_t n_tasks, task_fn task, void *ctx, int n_threads)
+include "task_pool.pxi"
 
 
 cdef extern from "sampling_kernels.h" nogil:
@@ -41,7 +32,6 @@ cdef extern from "sampling_kernels.h" nogil:
 
 BLOCK = FS_BLOCK
 _PATH_NAMES = ("portable", "avx512")
-cdef tq_parallel_fn _parallel = <tq_parallel_fn>PyCapsule_GetPointer(_ternary._POOL_CAPSULE, TQ_POOL_CAPSULE)
 # Batches of at least this many logits (rows x vocabulary) are spread over the pool, a row per task
 # (one row of 4096 takes about 3 us).
 cdef Py_ssize_t _PARALLEL_MIN = 1 << 14
