@@ -237,10 +237,10 @@ class Model:
 
     def forward(
         self,
-        slots: np.ndarray,
-        tokens: np.ndarray,
-        positions: np.ndarray,
-        logit_rows: np.ndarray,
+        slots: np.ndarray | list[int],
+        tokens: np.ndarray | list[int],
+        positions: np.ndarray | list[int],
+        logit_rows: np.ndarray | list[int],
         out: np.ndarray | None = None,
     ) -> np.ndarray:
         """Run rows (slot, token, position) through the model; return float32 [len(logit_rows), vocab].

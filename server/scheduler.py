@@ -71,7 +71,7 @@ class BatchModel(Protocol):
     kv: Any  # kv_cache.KVCache: alloc() -> slot, free(slot), n_slots
 
     def forward(
-        self, slots: np.ndarray, tokens: np.ndarray, positions: np.ndarray, logit_rows: np.ndarray
+        self, slots: list[int], tokens: list[int], positions: list[int], logit_rows: list[int]
     ) -> np.ndarray: ...
 
 
@@ -357,8 +357,9 @@ class Scheduler:
         for seq in refused:
             self._finish(seq, Failed(Abort.INTERNAL, "no KV cache slot"), now)
 
-    def _build_batch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[Sequence]] | None:
-        """Decode rows first (one per running sequence), then prefill chunks in admission order."""
+    def _build_batch(self) -> tuple[list[int], list[int], list[int], list[int], list[Sequence]] | None:
+        """Decode rows first (one per running sequence), then prefill chunks in admission order. Plain
+        lists: Model.forward turns them into its one int32 array (converting here too was a second copy)."""
         slots: list[int] = []
         tokens: list[int] = []
         positions: list[int] = []
@@ -388,13 +389,7 @@ class Scheduler:
                 samplers.append(seq)
         if not tokens:
             return None
-        return (
-            np.asarray(slots, dtype=np.int32),
-            np.asarray(tokens, dtype=np.int32),
-            np.asarray(positions, dtype=np.int32),
-            np.asarray(logit_rows, dtype=np.int32),
-            samplers,
-        )
+        return slots, tokens, positions, logit_rows, samplers
 
     def _release(self, seq: Sequence) -> None:
         if seq.slot is not None:
